@@ -1,0 +1,132 @@
+"""SD's denoising UNet: (noisy latent, text context, timestep) -> predicted noise, the same shape as the latent.
+
+Down path: 4 resolution levels, each with residual blocks (and spatial transformers in the first three),
+every output saved as a skip. Mid block at the lowest resolution. Up path: each residual block first
+concatenates one skip from the down path (12 skips in SD v1, the first from the input convolution).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checks_input import check_image_like
+from .config import UNetConfig
+from .timestep_embedding import TimeEmbedding, timestep_embedding
+from .unet_blocks import RESBLOCK_NORM_EPS, Downsample, ResBlock, SpatialTransformer
+from .vae_blocks import Upsample
+
+
+class UNetLevel(nn.Module):
+    """Residual blocks, each optionally followed by a spatial transformer; then an optional resampler."""
+
+    def __init__(self, in_channels: list[int], out_ch: int, cfg: UNetConfig, attention: bool,
+                 downsample: bool = False, upsample: bool = False):
+        super().__init__()
+        self.res = nn.ModuleList(ResBlock(c, out_ch, cfg.time_embed_dim, cfg.norm_groups) for c in in_channels)
+        self.attn = nn.ModuleList(
+            SpatialTransformer(out_ch, cfg.context_dim, cfg.heads, cfg.transformer_depth, cfg.norm_groups)
+            for _ in in_channels) if attention else None
+        self.downsample = Downsample(out_ch) if downsample else None
+        self.upsample = Upsample(out_ch) if upsample else None
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch: int, cfg: UNetConfig):
+        super().__init__()
+        self.res1 = ResBlock(ch, ch, cfg.time_embed_dim, cfg.norm_groups)
+        self.attn = SpatialTransformer(ch, cfg.context_dim, cfg.heads, cfg.transformer_depth, cfg.norm_groups)
+        self.res2 = ResBlock(ch, ch, cfg.time_embed_dim, cfg.norm_groups)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.attn(self.res1(x, emb), context), emb)
+
+
+class DiffusionUNET(nn.Module):
+    """Predict the noise in a noisy SD latent, conditioned on the text and the timestep."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or UNetConfig()
+        ch, n = cfg.block_channels, cfg.layers_per_block
+        last = len(ch) - 1
+        self.time_embedding = TimeEmbedding(ch[0], cfg.time_embed_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+
+        # Down path; remember the width of every feature map pushed as a skip.
+        skip_channels = [ch[0]]
+        self.down = nn.ModuleList()
+        for i, out_ch in enumerate(ch):
+            in_chs = [ch[max(i - 1, 0)]] + [out_ch] * (n - 1)
+            self.down.append(UNetLevel(in_chs, out_ch, cfg, cfg.attention_levels[i], downsample=i < last))
+            skip_channels += [out_ch] * (n + (i < last))
+
+        self.mid = MidBlock(ch[-1], cfg)
+
+        # Up path: widest level first, each residual block eats one skip (popped in reverse order).
+        self.up = nn.ModuleList()
+        prev = ch[-1]
+        for i, out_ch in enumerate(reversed(ch)):
+            in_chs = []
+            for j in range(n + 1):
+                in_chs.append((prev if j == 0 else out_ch) + skip_channels.pop())
+            self.up.append(UNetLevel(in_chs, out_ch, cfg, cfg.attention_levels[last - i], upsample=i < last))
+            prev = out_ch
+
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=RESBLOCK_NORM_EPS)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, latent: torch.Tensor, context: torch.Tensor, timestep) -> torch.Tensor:
+        cfg = self.config
+        check_image_like(latent, "latent", cfg.in_channels, cfg.downsample_factor,
+                         "the UNet halves the latent 3 times, i.e. images in multiples of 64 pixels")
+        b = latent.shape[0]
+        context = self._check_context(context, b)
+        t = self._timesteps(timestep, b, latent.device)
+
+        # (B,) -> (B, 320) sinusoids -> (B, 1280)
+        emb = self.time_embedding(timestep_embedding(t, cfg.block_channels[0]).to(latent.dtype))
+
+        x = self.conv_in(latent)                     # (B, 4, h, w) -> (B, 320, h, w)
+        skips = [x]
+        for level in self.down:
+            for j, res in enumerate(level.res):
+                x = res(x, emb)
+                if level.attn is not None:
+                    x = level.attn[j](x, context)
+                skips.append(x)
+            if level.downsample is not None:
+                x = level.downsample(x)              # (B, C, h, w) -> (B, C, h/2, w/2)
+                skips.append(x)
+
+        x = self.mid(x, emb, context)
+
+        for level in self.up:
+            for j, res in enumerate(level.res):
+                x = torch.cat([x, skips.pop()], dim=1)   # (B, C, h, w) + (B, C_skip, h, w) -> (B, C + C_skip, h, w)
+                x = res(x, emb)
+                if level.attn is not None:
+                    x = level.attn[j](x, context)
+            if level.upsample is not None:
+                x = level.upsample(x)                # (B, C, h, w) -> (B, C, 2h, 2w)
+
+        return self.conv_out(F.silu(self.norm_out(x)))   # (B, 320, h, w) -> (B, 4, h, w)
+
+    def _check_context(self, context: torch.Tensor, b: int) -> torch.Tensor:
+        d = self.config.context_dim
+        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[-1] != d:
+            raise ValueError(f"context must be (B, T, {d}) text embeddings (CLIP's output), "
+                             f"got {tuple(getattr(context, 'shape', ()))}")
+        if context.shape[0] not in (1, b):
+            raise ValueError(f"context batch {context.shape[0]} does not match the latent batch {b} (or 1)")
+        return context.expand(b, -1, -1) if context.shape[0] != b else context
+
+    @staticmethod
+    def _timesteps(timestep, b: int, device) -> torch.Tensor:
+        """An int, a 0-d tensor or a (B,) tensor -> a (B,) tensor of timesteps."""
+        t = torch.as_tensor(timestep, device=device)
+        if t.dim() == 0:
+            return t.expand(b)
+        if t.dim() == 1 and t.shape[0] in (1, b):
+            return t.expand(b)
+        raise ValueError(f"timestep must be an int, a 0-d tensor or a ({b},) tensor, got shape {tuple(t.shape)}")
