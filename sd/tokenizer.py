@@ -1,0 +1,288 @@
+"""CLIP's tokenizer: how SD v1 turns a prompt into 77 token ids.
+
+The steps (openai/CLIP, simple_tokenizer.py; Radford et al. 2021):
+1. clean the text: repair broken Unicode (ftfy), unescape HTML, collapse whitespace, lowercase;
+2. cut it into words with CLIP's regular expression (letters, single digits, runs of punctuation);
+3. encode each word with byte-level BPE (`sd/bpe.py`), its last symbol marked with '</w>';
+4. add the start and end tokens, then pad with the end token (SD v1) or truncate to 77.
+
+The vocabulary is built the same way for CLIP's own merges and for merges learned from a small corpus:
+the 256 byte symbols, the same with '</w>', one token per merge, then the two special tokens
+(for CLIP: 256 + 256 + 48,894 + 2 = 49,408).
+
+The vocabulary is never stored in this repository. It is read from a `tokenizer/` folder
+(vocab.json + merges.txt, the diffusers/transformers layout), from CLIP's merges file
+`bpe_simple_vocab_16e6.txt.gz`, or found in the installed open-clip-torch package.
+"""
+from __future__ import annotations
+
+import gzip
+import html
+import importlib.util
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import ftfy
+import regex
+import torch
+
+from .bpe import END_OF_WORD, NUM_BYTES, BYTE_ENCODER, Pair, bpe, learn_merges, symbols_to_bytes, word_to_symbols
+from .config import CLIP_MAX_TOKENS, CLIP_VOCAB_SIZE
+
+# Special tokens, named as in CLIP's vocabulary (openai/CLIP simple_tokenizer.py; vocab.json of SD v1).
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)
+# CLIP keeps only the first merges of its file: 49,408 - 2 x 256 - 2 = 48,894
+# (simple_tokenizer.py: `merges[1:49152-256-2+1]`).
+CLIP_NUM_MERGES = CLIP_VOCAB_SIZE - 2 * NUM_BYTES - len(SPECIAL_TOKENS)
+
+# CLIP's merges file, shipped inside the open-clip-torch package (and openai/CLIP).
+CLIP_MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
+OPEN_CLIP_PACKAGE = "open_clip"
+# The diffusers/transformers tokenizer folder layout.
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+MERGES_HEADER = "#version: 0.2"   # first line of a merges file (CLIP's gz has it after a file name)
+
+# CLIP's word splitter (simple_tokenizer.py): the special tokens, English contractions, runs of
+# letters, single digits, runs of anything else that is not whitespace.
+CLIP_WORD_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+WHITESPACE = regex.compile(r"\s+")
+
+HOW_TO_GET_VOCABULARY = (
+    "install the package that ships CLIP's merges file with `pip install --no-deps open-clip-torch` "
+    "(--no-deps: its dependencies would replace torch), or pass CLIPTokenizer(path) with a checkpoint's "
+    f"tokenizer/ folder ({VOCAB_FILE} + {MERGES_FILE}) or the path of {CLIP_MERGES_FILE}"
+)
+
+
+def clean_text(text: str) -> str:
+    """CLIP's cleanup: repair broken Unicode (ftfy), unescape HTML twice, collapse whitespace, lowercase."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))   # also entities ftfy keeps (text with tags), as CLIP's basic_clean
+    text = WHITESPACE.sub(" ", text).strip()
+    return text.lower()
+
+
+def pre_tokenize(text: str) -> list[str]:
+    """Clean the text and cut it into CLIP's words: 'A cat, sitting!' -> ['a', 'cat', ',', 'sitting', '!']."""
+    return CLIP_WORD_PATTERN.findall(clean_text(text))
+
+
+def build_vocab(merges: list[Pair]) -> dict[str, int]:
+    """CLIP's vocabulary: byte symbols, the same with '</w>', one token per merge, then the two specials."""
+    byte_symbols = list(BYTE_ENCODER.values())
+    tokens = byte_symbols + [s + END_OF_WORD for s in byte_symbols] + ["".join(m) for m in merges]
+    vocab: dict[str, int] = {}
+    for token in [*tokens, *SPECIAL_TOKENS]:
+        vocab.setdefault(token, len(vocab))   # two merges can spell the same token: it keeps its first id
+    return vocab
+
+
+def read_merges(path: str | Path, max_merges: int | None = None) -> list[Pair]:
+    """Read a merges file (plain or .gz): one 'left right' pair per line after the '#version' header."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a BPE merges file (UTF-8 text, optionally gzipped): {e}") from None
+    start = 1 if lines and MERGES_HEADER in lines[0] else 0
+    merges = []
+    for line_number, line in enumerate(lines[start:], start=start + 1):
+        if max_merges is not None and len(merges) == max_merges:
+            break
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(
+                f"{path}, line {line_number}: expected a merge 'left right', got {line[:80]!r}"
+            )
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def find_clip_merges_file() -> Path | None:
+    """The CLIP merges file inside the installed open-clip-torch package (found without importing it)."""
+    spec = importlib.util.find_spec(OPEN_CLIP_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / CLIP_MERGES_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_folder(folder: Path) -> tuple[dict[str, int], list[Pair]]:
+    """Read a tokenizer/ folder (vocab.json + merges.txt); a model folder that holds tokenizer/ works too."""
+    if not (folder / VOCAB_FILE).is_file() and (folder / "tokenizer" / VOCAB_FILE).is_file():
+        folder = folder / "tokenizer"
+    missing = [name for name in (VOCAB_FILE, MERGES_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"tokenizer folder {folder} should hold {VOCAB_FILE} and {MERGES_FILE}; missing: {missing}")
+    try:
+        vocab = json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / VOCAB_FILE} is not a JSON vocabulary: {e}") from None
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{folder / VOCAB_FILE} should map token -> id, got a {type(vocab).__name__}")
+    return vocab, read_merges(folder / MERGES_FILE)
+
+
+def load_vocabulary(path: str | Path | None = None) -> tuple[dict[str, int], list[Pair]]:
+    """Vocabulary and merges from a tokenizer/ folder, a merges file, or (no path) the installed open-clip-torch."""
+    if path is None:
+        path = find_clip_merges_file()
+        if path is None:
+            raise FileNotFoundError(f"CLIP's BPE vocabulary was not found: {HOW_TO_GET_VOCABULARY}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer vocabulary at {path}: {HOW_TO_GET_VOCABULARY}")
+    if path.is_dir():
+        return _load_folder(path)
+    if path.name == VOCAB_FILE:
+        return _load_folder(path.parent)
+    merges = read_merges(path, max_merges=CLIP_NUM_MERGES)
+    if not merges:
+        raise ValueError(f"{path} holds no BPE merges: {HOW_TO_GET_VOCABULARY}")
+    return build_vocab(merges), merges
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE tokenizer: text -> ids, and a batch of prompts -> (B, 77) LongTensor for SD v1."""
+
+    def __init__(self, path: str | Path | None = None, max_length: int = CLIP_MAX_TOKENS):
+        vocab, merges = load_vocabulary(path)
+        self._setup(vocab, merges, max_length)
+
+    @classmethod
+    def from_merges(cls, merges: list[Pair], max_length: int = CLIP_MAX_TOKENS) -> CLIPTokenizer:
+        """A tokenizer for merges learned on your own corpus (`learn_bpe_merges`), vocabulary built as CLIP's."""
+        merges = [tuple(m) for m in merges]
+        tokenizer = cls.__new__(cls)
+        tokenizer._setup(build_vocab(merges), merges, max_length)
+        return tokenizer
+
+    def _setup(self, vocab: dict[str, int], merges: list[Pair], max_length: int) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for the start and end tokens (>= 2), got {max_length}")
+        unknown = [t for t in [*BYTE_ENCODER.values(), *SPECIAL_TOKENS, *("".join(m) for m in merges)]
+                   if t not in vocab]
+        if unknown:
+            raise ValueError(f"vocabulary does not match its merges: {len(unknown)} tokens missing, e.g. {unknown[:5]}")
+        self.vocab = vocab                                       # token -> id
+        self.id_to_token = {i: t for t, i in vocab.items()}
+        self.merges = list(merges)
+        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}   # earlier learned = applied first
+        self.max_length = max_length
+        self.bos_id = vocab[BOS_TOKEN]
+        self.eos_id = vocab[EOS_TOKEN]
+        self.pad_id = self.eos_id        # SD v1 pads with the end token (SD 2 pads with 0)
+        self._cache: dict[str, tuple[int, ...]] = {}             # word -> ids: prompts repeat words a lot
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct ids (49,408 for CLIP)."""
+        return len(self.vocab)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"CLIPTokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, max_length={self.max_length})"
+
+    def encode_word(self, word: str) -> tuple[int, ...]:
+        """Ids of one pre-tokenized word: its byte symbols, merged by BPE (cached)."""
+        if word not in self._cache:
+            if word in SPECIAL_TOKENS:
+                ids = (self.vocab[word],)
+            else:
+                ids = tuple(self.vocab[s] for s in bpe(word_to_symbols(word), self.ranks))
+            self._cache[word] = ids
+        return self._cache[word]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text, from the start token 49406 to the end token 49407, not padded or truncated."""
+        if not isinstance(text, str):
+            raise ValueError(f"expected a text (str), got {type(text).__name__}")
+        ids = [self.bos_id]
+        for word in pre_tokenize(text):
+            ids.extend(self.encode_word(word))
+        ids.append(self.eos_id)
+        return ids
+
+    def tokenize(self, text: str) -> list[str]:
+        """The BPE tokens of a text as strings, without start and end: 'a cat' -> ['a</w>', 'cat</w>']."""
+        return [self.id_to_token[i] for i in self.encode(text)[1:-1]]
+
+    def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of a list of ids (or a 1-D tensor); words end where a token ends with '</w>'."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"decode expects a 1-D tensor of ids, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        out = bytearray()
+        for i in ids:
+            if i not in self.id_to_token:
+                raise ValueError(f"id {i} is not in the vocabulary (0..{self.vocab_size - 1})")
+            token = self.id_to_token[i]
+            if token in SPECIAL_TOKENS:
+                if not skip_special_tokens:
+                    out += token.encode("utf-8")
+                continue
+            ends_word = token.endswith(END_OF_WORD)
+            out += symbols_to_bytes(token[: -len(END_OF_WORD)] if ends_word else token)
+            if ends_word:
+                out += b" "
+        # a token can hold part of a multi-byte character: decode the bytes only once they are all joined
+        return out.decode("utf-8", errors="replace").strip()
+
+    def __call__(self, texts: list[str] | str) -> torch.LongTensor:
+        """Encode prompts into a (B, max_length) LongTensor: padded with the end token, long ones truncated."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"expected a text or a list of texts, got {type(texts).__name__}")
+        rows = []
+        for index, text in enumerate(texts):
+            ids = self.encode(text)
+            if len(ids) > self.max_length:
+                # keep the end token at the last position, as CLIP and SD v1 read the prompt up to it
+                dropped = ids[self.max_length - 1 : -1]
+                ids = ids[: self.max_length - 1] + [self.eos_id]
+                warnings.warn(
+                    f"prompt {index} is longer than {self.max_length} tokens (start and end included); "
+                    f"dropped the end of it: {self.decode(dropped)!r}",
+                    stacklevel=2,
+                )
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
+        # list of B rows of max_length ids -> (B, max_length)
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
+
+    def save(self, path: str | Path) -> Path:
+        """Write a tokenizer/ folder (vocab.json + merges.txt) that CLIPTokenizer(path) and transformers can read."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / VOCAB_FILE).write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        lines = [MERGES_HEADER, *(f"{left} {right}" for left, right in self.merges)]
+        (folder / MERGES_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return folder
+
+
+def learn_bpe_merges(texts: list[str], num_merges: int) -> list[Pair]:
+    """Learn BPE merges from a corpus with CLIP's cleanup, word splitting, bytes and '</w>' markers."""
+    if isinstance(texts, str):
+        raise ValueError("learn_bpe_merges expects a list of texts, got a single str")
+    word_counts = Counter(
+        word_to_symbols(word) for text in texts for word in pre_tokenize(text) if word not in SPECIAL_TOKENS
+    )
+    return learn_merges(word_counts, num_merges)
