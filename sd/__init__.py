@@ -1,8 +1,10 @@
 """Stable Diffusion v1.x from scratch: readable PyTorch that gives the reference numbers on real weights."""
 from .attention import SelfAttention
+from .checkpoint import load_checkpoint
 from .clip import CLIP
 from .config import CLIP_MAX_TOKENS, LATENT_SCALE, CLIPConfig, UNetConfig, VAEConfig
 from .cross_attention import CrossAttention
 from .decoder import VAE_Decoder
 from .encoder import VAE_Encoder
+from .tokenizer import CLIPTokenizer
 from .unet import DiffusionUNET

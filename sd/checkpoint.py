@@ -262,3 +262,33 @@ def _diffusers_configs(folder: Path) -> dict:
     if "num_attention_heads" in text:
         configs["clip"]["heads"] = text["num_attention_heads"]
     return configs
+
+
+# --- the public entry point ----------------------------------------------------------------------------------------
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_checkpoint(source=None, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """Load SD v1.x weights into this package: a .safetensors/.ckpt file, a diffusers folder or a state dict.
+
+    device: default CUDA when available, else CPU. dtype: default float16 on CUDA, float32 on CPU.
+    """
+    from .pipeline import StableDiffusion
+    from .tokenizer import CLIPTokenizer
+    if source is None:
+        raise ValueError(NO_CHECKPOINT_HELP)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    parts, configs, tokenizer_dir = read_source(source)
+    models = build_models(parts, configs)
+    for m in models.values():
+        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return StableDiffusion(**models, tokenizer=CLIPTokenizer(tokenizer_dir), device=device, dtype=dtype)
+
+
+NO_CHECKPOINT_HELP = (
+    "no checkpoint given: pass a path to SD v1.5 weights, e.g. sd.load_checkpoint('v1-5-pruned-emaonly.safetensors') "
+    "or a diffusers folder with unet/, vae/, text_encoder/, tokenizer/ (download from "
+    "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5)")

@@ -44,8 +44,9 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
         raise ValueError(f"{path.name}: refused to load: the file holds more than tensors and could run code "
                          f"when unpickled ({first_line}); only plain state dicts are read, with weights_only=True") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path.name} is not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:   # the weights-only unpickler never runs code; anything else it meets is just broken
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path.name} is not a PyTorch checkpoint ({reason})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path.name} holds a {type(obj).__name__}, not a state dict")
     return obj

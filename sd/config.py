@@ -59,7 +59,8 @@ class CLIPConfig(_Config):
 
     @classmethod
     def tiny(cls) -> "CLIPConfig":
-        return cls(width=64, layers=2, heads=4, mlp_width=256)
+        # keeps CLIP's 64-wide heads, so a file's head count can be read off its widths
+        return cls(width=128, layers=2, heads=2, mlp_width=512)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class UNetConfig(_Config):
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
-        return cls(block_channels=(32, 64, 64, 64), context_dim=64)
+        return cls(block_channels=(32, 64, 64, 64), context_dim=CLIPConfig.tiny().width)
 
     @property
     def time_embed_dim(self) -> int:

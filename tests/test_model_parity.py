@@ -18,7 +18,7 @@ def models():
 @pytest.mark.parametrize("t", [0, 1, 250, 500, 999])
 def test_unet_matches_diffusers_at_every_timestep(models, t):
     ref, ours = models
-    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 128)
     with torch.no_grad():
         expected = ref["unet"](x, t, encoder_hidden_states=ctx).sample
         got = ours["unet"](x, ctx, t)
@@ -28,7 +28,7 @@ def test_unet_matches_diffusers_at_every_timestep(models, t):
 
 def test_unet_takes_a_batch_of_different_timesteps(models):
     ref, ours = models
-    x, ctx, t = torch.randn(3, 4, 8, 16), torch.randn(3, 77, 64), torch.tensor([3, 400, 999])
+    x, ctx, t = torch.randn(3, 4, 8, 16), torch.randn(3, 77, 128), torch.tensor([3, 400, 999])
     with torch.no_grad():
         expected = ref["unet"](x, t, encoder_hidden_states=ctx).sample
         got = ours["unet"](x, ctx, t)
@@ -44,7 +44,7 @@ def test_clip_matches_transformers(models):
     with torch.no_grad():
         expected = ref["clip"](input_ids=tokens).last_hidden_state
         got = ours["clip"](tokens)
-    assert got.shape == (2, 77, 64)
+    assert got.shape == (2, 77, 128)
     assert rel_err(got, expected) < TOL_CLIP_UNET
 
 
@@ -97,7 +97,7 @@ def test_unet_residual_block_matches(models):
 @pytest.mark.parametrize("scale", [1.0, 1e-3])   # a low-variance input makes the GroupNorm epsilon (1e-6) visible
 def test_unet_spatial_transformer_matches(models, scale):
     ref, ours = models
-    x, ctx = torch.randn(2, 64, 4, 4) * scale, torch.randn(2, 77, 64)
+    x, ctx = torch.randn(2, 64, 4, 4) * scale, torch.randn(2, 77, 128)
     with torch.no_grad():
         expected = ref["unet"].down_blocks[1].attentions[0](x, encoder_hidden_states=ctx).sample
         got = ours["unet"].down[1].attn[0](x, ctx)
@@ -106,7 +106,7 @@ def test_unet_spatial_transformer_matches(models, scale):
 
 def test_unet_transformer_block_matches(models):
     ref, ours = models
-    x, ctx = torch.randn(2, 16, 64), torch.randn(2, 77, 64)
+    x, ctx = torch.randn(2, 16, 64), torch.randn(2, 77, 128)
     with torch.no_grad():
         expected = ref["unet"].down_blocks[1].attentions[0].transformer_blocks[0](x, encoder_hidden_states=ctx)
         got = ours["unet"].down[1].attn[0].blocks[0](x, ctx)
@@ -126,7 +126,7 @@ def test_vae_residual_and_attention_blocks_match(models, scale):
 
 def test_clip_layer_matches(models):
     ref, ours = models
-    x = torch.randn(2, 77, 64)
+    x = torch.randn(2, 77, 128)
     mask = torch.full((77, 77), float("-inf")).triu(1)[None, None]
     with torch.no_grad():
         out = getattr(ref["clip"], "text_model", ref["clip"]).encoder.layers[0](x, mask)
@@ -137,7 +137,7 @@ def test_clip_layer_matches(models):
 
 def test_explicit_attention_equals_sdpa(models, monkeypatch):
     _, ours = models
-    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 64)
+    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 128)
     tokens = torch.randint(0, 49408, (1, 77))
     with torch.no_grad():
         fused = ours["unet"](x, ctx, 500), ours["clip"](tokens), ours["decoder"](x)
@@ -157,7 +157,7 @@ def _set_eps(module, eps):
 
 def test_parity_fails_with_the_wrong_groupnorm_epsilon(models):
     ref, ours = models
-    x, ctx = torch.randn(2, 64, 4, 4) * 1e-3, torch.randn(2, 77, 64)
+    x, ctx = torch.randn(2, 64, 4, 4) * 1e-3, torch.randn(2, 77, 128)
     block = ours["unet"].down[1].attn[0]
     with torch.no_grad():
         expected = ref["unet"].down_blocks[1].attentions[0](x, encoder_hidden_states=ctx).sample
@@ -171,7 +171,7 @@ def test_parity_fails_with_the_wrong_groupnorm_epsilon(models):
 
 def test_parity_fails_with_sin_cos_swapped(models, monkeypatch):
     ref, ours = models
-    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 128)
     original = sd.unet.timestep_embedding
 
     def swapped(t, dim):
