@@ -1,0 +1,166 @@
+"""SD v1's noise schedule and the sampling loop: from Gaussian noise (or a noised image) to clean latents.
+
+Forward process (Ho et al. 2020, eq. 4): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, with
+alpha_bar_t = prod_{s<=t} (1 - beta_s). The UNet learns to predict eps; a sampler (`sd/samplers.py`)
+walks back from t = 999 towards 0 in num_inference_steps jumps.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .samplers import SAMPLERS, make_sampler, randn
+
+# SD v1's training schedule, from the original config (v1-inference.yaml: linear_start, linear_end, timesteps):
+# "scaled linear" betas, linear in sqrt(beta).
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START = 0.00085
+BETA_END = 0.012
+# The shape the seed samples: one 512 x 512 image is a (1, 4, 64, 64) latent.
+DEFAULT_LATENT_SHAPE = (1, 4, 64, 64)
+
+__all__ = ["DiffusionScheduler", "SAMPLERS"]
+
+
+class DiffusionScheduler:
+    """SD v1's noise schedule (1000 steps, scaled-linear betas, epsilon prediction) and its samplers."""
+
+    def __init__(self, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+                 beta_start: float = BETA_START, beta_end: float = BETA_END):
+        self.num_train_timesteps = num_train_timesteps
+        # In float32, as diffusers does (CompVis computes in float64; alpha_bar then differs by < 1e-6 relative).
+        self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps,
+                                    dtype=torch.float32) ** 2  # (T,)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # alpha_bar_t, (T,)
+
+    @property
+    def snr(self) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of each training timestep."""
+        return self.alphas_cumprod / (1 - self.alphas_cumprod)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """Karras et al.'s noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the one Euler samplers use."""
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """Sample q(x_t | x_0) in closed form, Ho et al. 2020, eq. 4; t an int, a 0-d tensor or one per sample (B,)."""
+        if x0.shape != noise.shape:
+            raise ValueError(f"x0 and noise must have the same shape, got {tuple(x0.shape)} and {tuple(noise.shape)}")
+        t = torch.as_tensor(t, device=x0.device)
+        if t.dtype.is_floating_point or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != x0.shape[0]):
+            raise ValueError(f"t must be an int or integer tensor of shape () or ({x0.shape[0]},) "
+                             f"(one per sample), got {t.dtype} of shape {tuple(t.shape)}")
+        if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
+            raise ValueError(f"t must be in [0, {self.num_train_timesteps - 1}], got {t.tolist()}")
+        alpha_bar_t = self.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t]
+        alpha_bar_t = alpha_bar_t.reshape(-1, *([1] * (x0.dim() - 1)))  # (B,) -> (B, 1, 1, 1)
+        return alpha_bar_t ** 0.5 * x0 + (1 - alpha_bar_t) ** 0.5 * noise
+
+    def sampler(self, name: str, num_inference_steps: int, *, eta: float = 0.0, use_karras_sigmas: bool = False):
+        """The sampler `name` (one of SAMPLERS) set up for num_inference_steps steps, to step through by hand."""
+        self._check_steps(num_inference_steps)
+        return make_sampler(name, self.alphas_cumprod, num_inference_steps, eta=eta,
+                            use_karras_sigmas=use_karras_sigmas)
+
+    def timesteps(self, num_inference_steps: int, sampler: str = "ddim", *,
+                  use_karras_sigmas: bool = False) -> torch.Tensor:
+        """The timesteps a run visits: SD's "leading" spacing plus 1 (50 steps -> 981, 961, ..., 1)."""
+        return self.sampler(sampler, num_inference_steps, use_karras_sigmas=use_karras_sigmas).timesteps
+
+    def _check_steps(self, num_inference_steps) -> None:
+        if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
+                or not 1 <= num_inference_steps <= self.num_train_timesteps):
+            raise ValueError(f"num_inference_steps must be an integer from 1 to {self.num_train_timesteps} "
+                             f"(the training steps), got {num_inference_steps!r}")
+
+    @torch.no_grad()
+    def sample(self, unet: Callable, context: torch.Tensor, shape: tuple = DEFAULT_LATENT_SHAPE, *,
+               num_inference_steps: int = 50, sampler: str = "ddim", uncond_context: torch.Tensor | None = None,
+               guidance_scale: float = 7.5, eta: float = 0.0, generator: torch.Generator | None = None,
+               latents: torch.Tensor | None = None, callback: Callable | None = None, progress: bool = True,
+               init_latents: torch.Tensor | None = None, strength: float = 1.0,
+               use_karras_sigmas: bool = False, return_trajectory: bool = False):
+        """Denoise from noise (or from `init_latents` noised to `strength`) and return the clean latents.
+
+        unet(x, context, t) predicts the noise. With uncond_context and guidance_scale > 1, classifier-free
+        guidance (Ho & Salimans 2022) runs both passes as one batch. callback(i, t, x_t, pred_x0) sees every step;
+        return_trajectory=True returns (latents, [(t, x_t, pred_x0), ...]) instead. x_t is the latent the step
+        starts from, in the sampler's own form (Euler-type samplers: x_0 + sigma * noise, before input scaling).
+        """
+        self._check_steps(num_inference_steps)
+        if isinstance(strength, bool) or not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+            raise ValueError(f"strength must be in (0, 1] (how much of the image to repaint), got {strength!r}")
+        if not (isinstance(context, torch.Tensor) and context.dim() == 3):
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"context must be a (B, 77, D) tensor of text embeddings, got {got}")
+        plan = make_sampler(sampler, self.alphas_cumprod, num_inference_steps, eta=eta,
+                            use_karras_sigmas=use_karras_sigmas)
+        device, dtype = context.device, context.dtype
+
+        # the latent shape comes from the given latents, else from `shape`
+        given = init_latents if init_latents is not None else latents
+        if given is not None:
+            if tuple(shape) != DEFAULT_LATENT_SHAPE and tuple(shape) != tuple(given.shape):
+                raise ValueError(f"shape {tuple(shape)} disagrees with the given latents {tuple(given.shape)}")
+            shape = tuple(given.shape)
+        if len(shape) != 4:
+            raise ValueError(f"shape must be (B, C, H, W) of the latent, got {tuple(shape)}")
+        if latents is not None and init_latents is not None and latents.shape != init_latents.shape:
+            raise ValueError(f"latents (the noise) {tuple(latents.shape)} and init_latents "
+                             f"{tuple(init_latents.shape)} must have the same shape")
+        context, uncond_context = self._batch_contexts(context, uncond_context, shape[0])
+        guided = uncond_context is not None and guidance_scale > 1
+        if guided:
+            both_contexts = torch.cat([uncond_context, context])  # (2B, 77, D): uncond first, as diffusers
+
+        if latents is not None:
+            noise = latents.to(device=device, dtype=dtype)
+        else:
+            noise = randn(shape, generator, dtype, device)  # (B, 4, h, w)
+        if init_latents is None:
+            first = 0
+            x = noise * plan.init_noise_sigma  # x_T
+        else:
+            # image-to-image (SDEdit, Meng et al. 2022): noise the image to an intermediate step, denoise from there
+            init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+            first = max(num_inference_steps - init_timestep, 0)
+            if first >= num_inference_steps:
+                raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step "
+                                 f"to run; use strength >= 1/num_inference_steps")
+            x = plan.add_noise(init_latents.to(device=device, dtype=dtype), noise, first)
+
+        timesteps = plan.timesteps.to(device)  # the UNet gets t as a 0-d tensor, as diffusers passes it
+        trajectory = []
+        for i in tqdm(range(first, num_inference_steps), disable=not progress, desc=f"sampling ({sampler})"):
+            t = timesteps[i]
+            x_in = plan.scale_model_input(x, i)
+            if guided:
+                # (B, 4, h, w) -> (2B, 4, h, w) -> two (B, 4, h, w) halves
+                eps_uncond, eps_cond = unet(torch.cat([x_in, x_in]), both_contexts, t).chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans 2022, eq. 6, g = 1 + w
+            else:
+                eps = unet(x_in, context, t)
+            x_next, pred_x0 = plan.step(i, x, eps, generator)
+            if callback is not None:
+                callback(i, plan.timesteps[i].item(), x, pred_x0)
+            if return_trajectory:
+                trajectory.append((plan.timesteps[i].item(), x, pred_x0))
+            x = x_next
+        return (x, trajectory) if return_trajectory else x
+
+    @staticmethod
+    def _batch_contexts(context, uncond_context, batch):
+        """Repeat a single prompt's embedding to the batch; check that the shapes fit."""
+        if context.shape[0] not in (1, batch):
+            raise ValueError(f"context has batch {context.shape[0]}, expected 1 or the latent batch {batch}")
+        context = context.expand(batch, -1, -1)
+        if uncond_context is not None:
+            if uncond_context.shape[0] not in (1, batch) or uncond_context.shape[1:] != context.shape[1:]:
+                raise ValueError(f"uncond_context {tuple(uncond_context.shape)} must match context "
+                                 f"{tuple(context.shape)} (batch 1 or {batch})")
+            uncond_context = uncond_context.to(device=context.device, dtype=context.dtype).expand(batch, -1, -1)
+        return context, uncond_context
