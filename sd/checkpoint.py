@@ -278,7 +278,9 @@ def load_checkpoint(source=None, device: str | torch.device | None = None, dtype
     from .pipeline import StableDiffusion
     from .tokenizer import CLIPTokenizer
     if source is None:
-        raise ValueError(NO_CHECKPOINT_HELP)
+        if not DEFAULT_MODEL.is_file():
+            raise ValueError(NO_CHECKPOINT_HELP)
+        source = DEFAULT_MODEL
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     parts, configs, tokenizer_dir = read_source(source)
@@ -286,6 +288,33 @@ def load_checkpoint(source=None, device: str | torch.device | None = None, dtype
     for m in models.values():
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return StableDiffusion(**models, tokenizer=CLIPTokenizer(tokenizer_dir), device=device, dtype=dtype)
+
+
+# The project's own small model, trained on the shapes dataset (`python -m sd train all`), shipped in the package.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default_model.safetensors"
+
+
+def save_checkpoint(path: str | Path, clip: nn.Module, encoder: nn.Module, decoder: nn.Module, unet: nn.Module,
+                    tokenizer=None) -> Path:
+    """Save the four models in this package's own format: one safetensors file, configs in its metadata.
+
+    Keys are `clip.*`, `vae.encoder.*` / `vae.decoder.*` (plus `vae.quant_conv`, `vae.post_quant_conv`), `unet.*`;
+    a tokenizer, if given, goes to the folder `<name>_tokenizer/` beside the file.
+    """
+    from .checkpoint_io import save_safetensors
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"clip.{k}": v for k, v in clip.state_dict().items()}
+    tensors.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
+    for k, v in encoder.state_dict().items():
+        tensors[f"vae.{k}" if k.startswith("quant_conv.") else f"vae.encoder.{k}"] = v
+    for k, v in decoder.state_dict().items():
+        tensors[f"vae.{k}" if k.startswith("post_quant_conv.") else f"vae.decoder.{k}"] = v
+    configs = {"clip": clip.config.to_dict(), "vae": encoder.config.to_dict(), "unet": unet.config.to_dict()}
+    save_safetensors(tensors, path, configs)
+    if tokenizer is not None:
+        tokenizer.save(path.parent / (path.stem + "_tokenizer"))
+    return path
 
 
 NO_CHECKPOINT_HELP = (

@@ -74,6 +74,7 @@ class UNetConfig(_Config):
     context_dim: int = 768          # width of the CLIP text embedding
     transformer_depth: int = 1      # transformer blocks per spatial transformer
     norm_groups: int = 32
+    sample_size: int = 64           # native latent size: 64 x 64 latents = 512 x 512 images for SD v1.5
 
     @classmethod
     def tiny(cls) -> "UNetConfig":

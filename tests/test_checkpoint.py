@@ -159,3 +159,25 @@ def test_a_file_that_is_not_a_checkpoint_gets_a_clear_error(tmp_path, name, cont
 def test_missing_file_and_no_source_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         sd.load_checkpoint(tmp_path / "absent.safetensors", device="cpu")
+
+
+@pytest.mark.full_size
+def test_full_size_sd15_file_matches_diffusers_single_file_conversion(tmp_path):
+    """A full-size SD v1.5-layout file (random values, fp16 on disk): same outputs as diffusers' conversion."""
+    from safetensors.torch import load_file
+    unet_cfg, vae_cfg, clip_cfg = sd.UNetConfig(), sd.VAEConfig(), sd.CLIPConfig()
+    ref = {"unet": randomize(diffusers_unet(unet_cfg), 10), "vae": randomize(diffusers_vae(vae_cfg), 11),
+           "clip": randomize(transformers_clip(clip_cfg), 12)}
+    path = tmp_path / "v1-5-random.safetensors"
+    ckpt = {k: v.half() for k, v in compvis_checkpoint(ref).items()}
+    # the real file's key counts (SD_FACTS): 686 UNet, 248 VAE, 197 CLIP (with position_ids)
+    assert sum(k.startswith("model.diffusion_model.") for k in ckpt) == 686
+    assert sum(k.startswith("first_stage_model.") for k in ckpt) == 248
+    assert sum(k.startswith("cond_stage_model.") for k in ckpt) == 197
+    save_file(ckpt, str(path))
+    del ref, ckpt
+    pipe = sd.load_checkpoint(path, device="cpu")
+    assert sum(p.numel() for p in pipe.unet.parameters()) == 859_520_964
+    ref = diffusers_from_single_file({k: v.float() for k, v in load_file(str(path)).items()},
+                                     unet_cfg, vae_cfg, clip_cfg)
+    assert_same_outputs(pipe, ref, latent_hw=(8, 8), context_dim=768)
