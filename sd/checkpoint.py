@@ -285,8 +285,10 @@ def load_checkpoint(source=None, device: str | torch.device | None = None, dtype
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     parts, configs, tokenizer_dir = read_source(source)
     models = build_models(parts, configs)
-    for m in models.values():
-        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    for name, m in models.items():
+        # the VAE stays in float32: SD v1.5's fp16 VAE can overflow into black/NaN images
+        m.to(device=device, dtype=torch.float32 if name in ("encoder", "decoder") else dtype)
+        m.eval().requires_grad_(False)
     return StableDiffusion(**models, tokenizer=CLIPTokenizer(tokenizer_dir), device=device, dtype=dtype)
 
 

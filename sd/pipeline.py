@@ -1,18 +1,153 @@
-"""The loaded model: CLIP, VAE encoder and decoder, UNet, tokenizer and scheduler together."""
+"""The loaded model and its `generate`: prompt (and optionally a picture) -> PIL images.
+
+Text to image: tokens -> CLIP -> context; Gaussian latents -> sampler with classifier-free guidance -> VAE decoder.
+Image to image (SDEdit): the VAE encodes the picture, noise takes it part of the way back, the sampler returns.
+"""
 from __future__ import annotations
 
+import random
+from typing import Callable
+
+import numpy as np
 import torch
 from torch import nn
+
+from .checks_input import nearest_multiples
+from .diffusion import DiffusionScheduler
 
 
 class StableDiffusion:
     """What `sd.load_checkpoint` returns: the seed's four models plus the tokenizer and the noise scheduler."""
 
     def __init__(self, clip: nn.Module, encoder: nn.Module, decoder: nn.Module, unet: nn.Module,
-                 tokenizer=None, scheduler=None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 tokenizer=None, scheduler: DiffusionScheduler | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.clip, self.encoder, self.decoder, self.unet = clip, encoder, decoder, unet
-        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler or DiffusionScheduler()
         self.device, self.dtype = torch.device(device), dtype
 
     def models(self) -> dict[str, nn.Module]:
         return {"clip": self.clip, "encoder": self.encoder, "decoder": self.decoder, "unet": self.unet}
+
+    # --- sizes ---------------------------------------------------------------------------------------------------
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent pixel, per side: 8 for SD v1."""
+        return self.decoder.config.downsample_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the UNet's (8 x 8 = 64 for SD v1)."""
+        return self.vae_factor * self.unet.config.downsample_factor
+
+    @property
+    def native_size(self) -> int:
+        """The image size the model was trained at: 512 for SD v1.5."""
+        return self.unet.config.sample_size * self.vae_factor
+
+    def _check_size(self, name: str, value: int) -> None:
+        m = self.size_multiple
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % m:
+            hint = f"; the nearest sizes that work are {nearest_multiples(value, m)}" if isinstance(value, int) and value > 0 else ""
+            raise ValueError(f"{name} must be a positive multiple of {m} (the VAE shrinks {self.vae_factor}x and "
+                             f"the UNet halves the latent {self.unet.config.downsample_factor.bit_length() - 1} "
+                             f"times), got {value!r}{hint}")
+
+    # --- the pieces ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> CLIP's last hidden state (B, 77, D), in the pipeline's dtype."""
+        tokens = self.tokenizer(prompts).to(self.device)      # (B, 77)
+        return self.clip(tokens).to(self.dtype)                # (B, 77, D)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [0, 1]; decoded in float32 (the fp16 VAE can overflow to NaN)."""
+        image = self.decoder(latents.to(device=self.device, dtype=next(self.decoder.parameters()).dtype))
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def image_to_tensor(self, image, height: int | None, width: int | None) -> torch.Tensor:
+        """A PIL image or an (H, W, 3) array -> (1, 3, H, W) in [-1, 1], resized to (height, width) if given."""
+        from PIL import Image
+        if isinstance(image, np.ndarray):
+            arr = image
+            if arr.dtype != np.uint8:
+                arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8) if arr.max() <= 1.0 else arr.astype(np.uint8)
+            image = Image.fromarray(arr)
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"init_image must be a PIL image or an (H, W, 3) array, got {type(image).__name__}")
+        image = image.convert("RGB")
+        w, h = image.size
+        target = (width or w, height or h)
+        self._check_size("init_image width" if width is None else "width", target[0])
+        self._check_size("init_image height" if height is None else "height", target[1])
+        if target != (w, h):
+            image = image.resize(target, Image.LANCZOS)
+        arr = np.asarray(image, dtype=np.float32) / 255.0             # (H, W, 3) in [0, 1]
+        return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2 - 1  # (1, 3, H, W) in [-1, 1]
+
+    # --- one call ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, sampler: str = "ddim", seed: int | None = None,
+                 latents: torch.Tensor | None = None, init_image=None, strength: float = 0.8,
+                 num_images: int = 1, eta: float = 0.0, callback: Callable | None = None,
+                 progress: bool = True, output_type: str = "pil"):
+        """Text (and optionally an init image) -> a list of PIL images (output_type="pt": a (B, 3, H, W) tensor in [0, 1])."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one each, or one string")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+        if output_type not in ("pil", "pt"):
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        if seed is None:
+            seed = random.randrange(2 ** 63)
+        generator = torch.Generator("cpu").manual_seed(seed)
+
+        # (P, 77, D) -> (P * num_images, 77, D): each prompt's images side by side
+        context = self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)
+        uncond = self.encode_prompt(negatives).repeat_interleave(num_images, dim=0) if guidance_scale > 1 else None
+        batch = context.shape[0]
+
+        init_latents = None
+        if init_image is not None:
+            image = self.image_to_tensor(init_image, height, width).to(self.device)
+            height, width = image.shape[-2:]
+            enc_dtype = next(self.encoder.parameters()).dtype
+            mean, _ = self.encoder.posterior(image.to(enc_dtype))
+            # one posterior sample, its noise drawn first from the generator, shared by the batch (as diffusers does)
+            enc_noise = torch.randn(mean.shape, generator=generator).to(self.device, enc_dtype)
+            init_latents = self.encoder(image.to(enc_dtype), enc_noise).to(self.dtype).expand(batch, -1, -1, -1)
+        height = self.native_size if height is None else height
+        width = self.native_size if width is None else width
+        self._check_size("height", height)
+        self._check_size("width", width)
+        shape = (batch, self.unet.config.in_channels, height // self.vae_factor, width // self.vae_factor)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape} for {batch} images of {height}x{width}, "
+                                 f"got {tuple(latents.shape)}")
+            latents = latents.to(self.device, self.dtype)
+        else:
+            latents = torch.randn(shape, generator=generator).to(self.device, self.dtype)
+
+        out = self.scheduler.sample(
+            self.unet, context, shape, num_inference_steps=num_inference_steps, sampler=sampler,
+            uncond_context=uncond, guidance_scale=guidance_scale, eta=eta, generator=generator, latents=latents,
+            init_latents=init_latents, strength=strength,
+            callback=callback, progress=progress)
+        images = self.decode(out)                      # (B, 3, H, W) in [0, 1]
+        return images if output_type == "pt" else to_pil(images)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [0, 1] -> PIL images, rounded to 8 bits as diffusers does."""
+    from PIL import Image
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
