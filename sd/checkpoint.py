@@ -320,6 +320,6 @@ def save_checkpoint(path: str | Path, clip: nn.Module, encoder: nn.Module, decod
 
 
 NO_CHECKPOINT_HELP = (
-    "no checkpoint given: pass a path to SD v1.5 weights, e.g. sd.load_checkpoint('v1-5-pruned-emaonly.safetensors') "
-    "or a diffusers folder with unet/, vae/, text_encoder/, tokenizer/ (download from "
-    "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    "no checkpoint given and the project's default model is not installed: pass SD v1.5 weights "
+    "(--checkpoint v1-5-pruned-emaonly.safetensors, or sd.load_checkpoint(path)), a .safetensors/.ckpt file or a "
+    "diffusers folder, downloaded from https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5")

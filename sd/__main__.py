@@ -1,0 +1,6 @@
+"""`python -m sd ...`: see sd/cli.py."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
