@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import checkpoint_keys as keys
+from . import hub
 from .checkpoint_io import read_tensors, unwrap_state_dict
 from .clip import CLIP
 from .config import CLIPConfig, UNetConfig, VAEConfig
@@ -271,7 +272,9 @@ def default_device() -> torch.device:
 
 
 def load_checkpoint(source=None, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Load SD v1.x weights into this package: a .safetensors/.ckpt file, a diffusers folder or a state dict.
+    """Load SD v1.x weights into this package: a .safetensors/.ckpt file, a diffusers folder, a Hugging Face Hub
+    id ("stable-diffusion-v1-5/stable-diffusion-v1-5", downloaded once into the Hub cache) or a state dict.
+    No source: the project's own small model, trained on shapes.
 
     device: default CUDA when available, else CPU. dtype: default float16 on CUDA, float32 on CPU.
     """
@@ -283,6 +286,8 @@ def load_checkpoint(source=None, device: str | torch.device | None = None, dtype
         source = DEFAULT_MODEL
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if hub.looks_like_repo_id(source):
+        source = hub.fetch(source, fp16=dtype == torch.float16)
     parts, configs, tokenizer_dir = read_source(source)
     models = build_models(parts, configs)
     for name, m in models.items():
