@@ -32,10 +32,17 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-              use_sdpa: bool | None = None) -> torch.Tensor:
-    """Scaled dot-product attention over heads; fused kernel unless `use_sdpa=False`."""
+              use_sdpa: bool | None = None, slice_size: int | None = None) -> torch.Tensor:
+    """Scaled dot-product attention over heads; fused kernel unless `use_sdpa=False`.
+
+    slice_size: compute `slice_size` heads at a time (attention slicing: less peak memory, same result).
+    """
     if use_sdpa is None:
         use_sdpa = USE_SDPA
+    if slice_size is not None and slice_size < q.shape[1]:
+        # (B, H, T, d) -> slices of (B, slice_size, T, d) along the heads, each attended on its own
+        return torch.cat([attention(q[:, i:i + slice_size], k[:, i:i + slice_size], v[:, i:i + slice_size],
+                                    causal, use_sdpa) for i in range(0, q.shape[1], slice_size)], dim=1)
     if use_sdpa:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return explicit_attention(q, k, v, causal=causal)
@@ -64,6 +71,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         assert dim % n_heads == 0, f"width {dim} must split evenly into {n_heads} heads"
         self.n_heads = n_heads
+        self.slice_size: int | None = None   # attention slicing, see `attention`
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -75,5 +83,5 @@ class SelfAttention(nn.Module):
         k = split_heads(self.to_k(x), self.n_heads)
         v = split_heads(self.to_v(x), self.n_heads)
         # (B, H, T, C/H) -> (B, T, C)
-        out = merge_heads(attention(q, k, v, causal=causal))
+        out = merge_heads(attention(q, k, v, causal=causal, slice_size=self.slice_size))
         return self.to_out(out)

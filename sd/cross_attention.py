@@ -17,6 +17,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         assert dim % n_heads == 0, f"width {dim} must split evenly into {n_heads} heads"
         self.n_heads = n_heads
+        self.slice_size: int | None = None   # attention slicing, see `sd.attention.attention`
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)   # text width D -> image width C
         self.to_v = nn.Linear(context_dim, dim, bias=False)
@@ -29,4 +30,4 @@ class CrossAttention(nn.Module):
         k = split_heads(self.to_k(context), self.n_heads)
         v = split_heads(self.to_v(context), self.n_heads)
         # (B, H, T, C/H) -> (B, T, C)
-        return self.to_out(merge_heads(attention(q, k, v)))
+        return self.to_out(merge_heads(attention(q, k, v, slice_size=self.slice_size)))

@@ -6,6 +6,7 @@ Image to image (SDEdit): the VAE encodes the picture, noise takes it part of the
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -26,6 +27,63 @@ class StableDiffusion:
         self.tokenizer = tokenizer
         self.scheduler = scheduler or DiffusionScheduler()
         self.device, self.dtype = torch.device(device), dtype
+        # memory and speed options, each one flag (see the enable_* methods)
+        self.vae_slicing = False
+        self.vae_tiling = False
+        self.cpu_offload = False
+
+    # --- memory and speed options --------------------------------------------------------------------------------
+    def enable_attention_slicing(self, slice_size: int | None = 1) -> "StableDiffusion":
+        """Compute attention `slice_size` heads at a time (None: all at once). Same result, lower peak memory."""
+        from .attention import SelfAttention
+        from .cross_attention import CrossAttention
+        for model in (self.unet, self.clip, self.encoder, self.decoder):
+            for m in model.modules():
+                if isinstance(m, (SelfAttention, CrossAttention)):
+                    m.slice_size = slice_size
+        return self
+
+    def enable_vae_slicing(self, on: bool = True) -> "StableDiffusion":
+        """Decode a batch one image at a time."""
+        self.vae_slicing = on
+        return self
+
+    def enable_vae_tiling(self, on: bool = True) -> "StableDiffusion":
+        """Decode large latents in overlapping 512-pixel tiles (see sd/vae_tiling.py)."""
+        self.vae_tiling = on
+        return self
+
+    def enable_model_cpu_offload(self, on: bool = True) -> "StableDiffusion":
+        """Keep the models in CPU memory and move each to the GPU only while it runs."""
+        self.cpu_offload = on
+        for model in self.models().values():
+            model.to("cpu" if on else self.device)
+        return self
+
+    def enable_channels_last(self) -> "StableDiffusion":
+        """NHWC memory layout for the convolutions: faster on recent GPUs (tensor cores), same result."""
+        self.unet.to(memory_format=torch.channels_last)
+        self.decoder.to(memory_format=torch.channels_last)
+        return self
+
+    def compile_unet(self, **compile_kwargs) -> "StableDiffusion":
+        """torch.compile the UNet; falls back to eager (with a warning) where compilation is not available."""
+        from .compile import compile_or_eager
+        self.unet = compile_or_eager(self.unet, **compile_kwargs)
+        return self
+
+    @contextmanager
+    def _on_device(self, model: nn.Module):
+        """With CPU offload, the model visits the GPU only for the duration of the block."""
+        if self.cpu_offload:
+            model.to(self.device)
+        try:
+            yield model
+        finally:
+            if self.cpu_offload:
+                model.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     def models(self) -> dict[str, nn.Module]:
         return {"clip": self.clip, "encoder": self.encoder, "decoder": self.decoder, "unet": self.unet}
@@ -59,13 +117,19 @@ class StableDiffusion:
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> CLIP's last hidden state (B, 77, D), in the pipeline's dtype."""
         tokens = self.tokenizer(prompts).to(self.device)      # (B, 77)
-        return self.clip(tokens).to(self.dtype)                # (B, 77, D)
+        with self._on_device(self.clip):
+            return self.clip(tokens).to(self.dtype)            # (B, 77, D)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1]; decoded in float32 (the fp16 VAE can overflow to NaN)."""
-        image = self.decoder(latents.to(device=self.device, dtype=next(self.decoder.parameters()).dtype))
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        from .vae_tiling import decode_tiled
+        latents = latents.to(device=self.device, dtype=next(self.decoder.parameters()).dtype)
+        decode = (lambda z: decode_tiled(self.decoder, z)) if self.vae_tiling else self.decoder
+        with self._on_device(self.decoder):
+            chunks = latents.split(1) if self.vae_slicing else [latents]
+            image = torch.cat([decode(z).float() for z in chunks])
+        return (image / 2 + 0.5).clamp(0, 1)
 
     def image_to_tensor(self, image, height: int | None, width: int | None) -> torch.Tensor:
         """A PIL image or an (H, W, 3) array -> (1, 3, H, W) in [-1, 1], resized to (height, width) if given."""
@@ -120,10 +184,11 @@ class StableDiffusion:
             image = self.image_to_tensor(init_image, height, width).to(self.device)
             height, width = image.shape[-2:]
             enc_dtype = next(self.encoder.parameters()).dtype
-            mean, _ = self.encoder.posterior(image.to(enc_dtype))
-            # one posterior sample, its noise drawn first from the generator, shared by the batch (as diffusers does)
-            enc_noise = torch.randn(mean.shape, generator=generator).to(self.device, enc_dtype)
-            init_latents = self.encoder(image.to(enc_dtype), enc_noise).to(self.dtype).expand(batch, -1, -1, -1)
+            with self._on_device(self.encoder):
+                mean, _ = self.encoder.posterior(image.to(enc_dtype))
+                # one posterior sample, its noise drawn first from the generator, shared by the batch (as diffusers)
+                enc_noise = torch.randn(mean.shape, generator=generator).to(self.device, enc_dtype)
+                init_latents = self.encoder(image.to(enc_dtype), enc_noise).to(self.dtype).expand(batch, -1, -1, -1)
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
         self._check_size("height", height)
@@ -137,11 +202,11 @@ class StableDiffusion:
         else:
             latents = torch.randn(shape, generator=generator).to(self.device, self.dtype)
 
-        out = self.scheduler.sample(
-            self.unet, context, shape, num_inference_steps=num_inference_steps, sampler=sampler,
-            uncond_context=uncond, guidance_scale=guidance_scale, eta=eta, generator=generator, latents=latents,
-            init_latents=init_latents, strength=strength,
-            callback=callback, progress=progress)
+        with self._on_device(self.unet):
+            out = self.scheduler.sample(
+                self.unet, context, shape, num_inference_steps=num_inference_steps, sampler=sampler,
+                uncond_context=uncond, guidance_scale=guidance_scale, eta=eta, generator=generator, latents=latents,
+                init_latents=init_latents, strength=strength, callback=callback, progress=progress)
         images = self.decode(out)                      # (B, 3, H, W) in [0, 1]
         return images if output_type == "pt" else to_pil(images)
 

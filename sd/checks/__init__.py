@@ -1,0 +1,17 @@
+"""Checks for the course's exercises: `check_<name>(your_implementation)` prints one pass line or explains what differs.
+
+`pick(check, yours, reference=...)` runs a check and returns what the notebook goes on with: yours if it passed,
+else the reference from `sd`. The shared machinery, and how to add checks for a topic, are in `common.py`.
+"""
+from .attention import (check_causal_attention, check_cross_attention, check_scaled_dot_product_attention,
+                        check_self_attention)
+from .common import pick, try_check
+from .warmup import check_softmax
+
+__all__ = [
+    "pick", "try_check",
+    # 00 start here
+    "check_softmax",
+    # 01 attention
+    "check_scaled_dot_product_attention", "check_causal_attention", "check_self_attention", "check_cross_attention",
+]

@@ -1,0 +1,7 @@
+"""Training Stable Diffusion's three models on the shapes dataset: VAE, then text encoder, then UNet."""
+from .loop import EMA, TrainOptions, batch_indices, plot_losses, read_stage, train_loop
+from .presets import PRESETS, Preset, get_preset
+from .stages import STAGES, make_dataset, train_all, train_stage
+from .text import ContrastivePair, contrastive_loss, learn_tokenizer, load_text_encoder, train_text_encoder
+from .unet import CAPTION_DROPOUT, diffusion_loss, drop_captions, load_unet, train_unet
+from .vae import VAE, load_vae, psnr, vae_loss, vae_psnr, train_vae

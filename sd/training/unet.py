@@ -1,0 +1,123 @@
+"""Stage 3: the UNet, trained as SD's: predict the noise added to VAE latents, conditioned on CLIP's text states.
+
+The VAE and the text encoder are frozen, so their outputs never change: the posterior of every image and the
+text states of every distinct caption are computed once, before the loop (what large SD runs do too, with
+pre-encoded latents). Each step then (Ho et al. 2020, algorithm 1; Rombach et al. 2022, eq. 2):
+  z_0 ~ q(z | x) scaled by the latent scale; t ~ U{0, ..., 999}; eps ~ N(0, I)
+  z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps          (SD's scaled-linear schedule)
+  loss = || eps - eps_theta(z_t, c, t) ||^2, with c the empty caption's states 10% of the time,
+so the same UNet also learns the unconditional prediction that classifier-free guidance needs.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import save_checkpoint
+from ..clip import CLIP
+from ..config import UNetConfig
+from ..data import ShapesDataset
+from ..decoder import VAE_Decoder
+from ..diffusion import DiffusionScheduler
+from ..encoder import VAE_Encoder
+from ..tokenizer import CLIPTokenizer
+from ..unet import DiffusionUNET
+from .loop import TrainOptions, batch_indices, device_of, rank_and_world, read_stage, train_loop
+
+# Classifier-free guidance training: drop the caption 10% of the time (Ho & Salimans 2022, sec. 3.2; SD uses 10%).
+CAPTION_DROPOUT = 0.1
+ENCODE_BATCH = 256
+
+
+@torch.no_grad()
+def encode_dataset(encoder: VAE_Encoder, dataset: ShapesDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and log-variance of every image, each (N, 4, h, w), unscaled."""
+    device = device_of(encoder)
+    means, logvars = [], []
+    for i in range(0, len(dataset), ENCODE_BATCH):
+        mean, logvar = encoder.posterior(dataset.pixels(slice(i, i + ENCODE_BATCH)).to(device))
+        means.append(mean.float().cpu())
+        logvars.append(logvar.float().cpu())
+    return torch.cat(means), torch.cat(logvars)
+
+
+@torch.no_grad()
+def encode_captions(clip: CLIP, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """CLIP's last hidden states of the captions, (N, 77, width)."""
+    device = device_of(clip)
+    return torch.cat([clip(tokenizer(captions[i:i + ENCODE_BATCH]).to(device)).float().cpu()
+                      for i in range(0, len(captions), ENCODE_BATCH)])
+
+
+def diffusion_loss(unet, scheduler: DiffusionScheduler, z0: torch.Tensor, context: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """SD's training objective on clean latents z0 (B, 4, h, w): MSE between the true and predicted noise."""
+    b = z0.shape[0]
+    t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator).to(z0.device)   # (B,)
+    eps = torch.randn(z0.shape, generator=generator).to(z0.device)
+    z_t = scheduler.add_noise(z0, eps, t)          # Ho et al. 2020, eq. 4
+    return F.mse_loss(unet(z_t, context, t).float(), eps)
+
+
+def drop_captions(context: torch.Tensor, empty: torch.Tensor, generator: torch.Generator,
+                  p: float = CAPTION_DROPOUT) -> torch.Tensor:
+    """Replace each sample's text states (B, T, C) by the empty caption's (1, T, C) with probability p."""
+    drop = (torch.rand(context.shape[0], generator=generator) < p).to(context.device)   # (B,)
+    return torch.where(drop[:, None, None], empty.to(context.dtype), context)
+
+
+def train_unet(dataset: ShapesDataset, unet_config: UNetConfig, encoder: VAE_Encoder, decoder: VAE_Decoder,
+               clip: CLIP, tokenizer: CLIPTokenizer, opts: TrainOptions) -> dict:
+    """Train the UNet with frozen VAE and text encoder; writes <out>/unet.safetensors and <out>/model.safetensors.
+
+    model.safetensors (EMA weights of the UNet) loads with `sd.load_checkpoint(path)`.
+    """
+    rank, _ = rank_and_world()
+    f = encoder.config.downsample_factor
+    unet_config = dataclasses.replace(unet_config, context_dim=clip.config.width,
+                                      sample_size=dataset.image_size // f, in_channels=encoder.config.latent_channels,
+                                      out_channels=encoder.config.latent_channels)
+    for m in (encoder, decoder, clip):
+        m.eval().requires_grad_(False)
+    means, logvars = encode_dataset(encoder, dataset)
+    stds = torch.exp(0.5 * logvars)
+    captions = sorted(set(dataset.captions))
+    lookup = {c: i for i, c in enumerate(captions)}
+    caption_index = torch.tensor([lookup[c] for c in dataset.captions])
+    contexts = encode_captions(clip, tokenizer, captions)                     # (N_captions, 77, C)
+    empty = encode_captions(clip, tokenizer, [""])                            # (1, 77, C)
+    scale = encoder.config.scaling_factor
+    scheduler = DiffusionScheduler()
+    unet = DiffusionUNET(unet_config)
+
+    def step_loss(model, step, generator):
+        idx = batch_indices(len(dataset), opts.batch_size, step, opts.seed, *rank_and_world())
+        device = device_of(model)
+        noise = torch.randn(means[idx].shape, generator=generator)
+        z0 = ((means[idx] + stds[idx] * noise) * scale).to(device)            # a posterior sample, scaled
+        context = drop_captions(contexts[caption_index[idx]], empty, generator).to(device)
+        return diffusion_loss(model, scheduler, z0, context, generator)
+
+    meta = {"unet": dataclasses.asdict(unet_config)}
+    run = train_loop("unet", unet, step_loss, opts, meta, use_ema=True)
+    if rank == 0:
+        run["model_path"] = save_checkpoint(Path(opts.out_dir) / "model.safetensors", clip, encoder, decoder,
+                                            run["ema"].model, tokenizer)
+    return run
+
+
+def load_unet(path, ema: bool = True) -> DiffusionUNET:
+    """The UNet of a UNet stage checkpoint (its EMA weights by default)."""
+    parts, meta = read_stage(path)
+    unet = DiffusionUNET(UNetConfig.from_dict(meta["unet"]))
+    unet.load_state_dict(parts["ema"] if ema and parts["ema"] else parts["model"])
+    return unet.eval()
+
+
+def half_copy(module):
+    """A float16 copy, to ship a model at half the size (it is cast back to float32 on loading)."""
+    return copy.deepcopy(module).half()
