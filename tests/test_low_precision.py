@@ -1,0 +1,60 @@
+"""Half precision stays within half-precision noise of float32, and the decoded image never has NaNs.
+
+On CPU this runs in bfloat16 (what CPUs compute in half precision); on a CUDA machine also in float16,
+at full SD v1.5 size.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sd
+from tests.reference import randomize
+
+CASES = [("cpu", torch.bfloat16, "tiny")]
+if torch.cuda.is_available():
+    CASES += [("cuda", torch.float16, "tiny"), ("cuda", torch.float16, "full"), ("cuda", torch.bfloat16, "full")]
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+
+
+@pytest.mark.parametrize("device,dtype,size", CASES)
+def test_models_in_half_precision_match_float32(device, dtype, size):
+    torch.manual_seed(0)
+    tiny = size == "tiny"
+    models = {
+        "unet": sd.DiffusionUNET(sd.UNetConfig.tiny() if tiny else sd.UNetConfig()),
+        "clip": sd.CLIP(sd.CLIPConfig.tiny() if tiny else sd.CLIPConfig()),
+        "decoder": sd.VAE_Decoder(sd.VAEConfig.tiny() if tiny else sd.VAEConfig()),
+    }
+    for m in models.values():
+        randomize(m)
+    d = models["unet"].config.context_dim
+    x, ctx = torch.randn(2, 4, 32, 32, device=device), torch.randn(2, 77, d, device=device)
+    tokens = torch.randint(0, 49408, (2, 77), device=device)
+    inputs = {"unet": (x, ctx, 500), "clip": (tokens,), "decoder": (x[:1],)}
+    for name, model in models.items():
+        full = model.to(device).eval()
+        half = copy.deepcopy(full).to(dtype)
+        args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in inputs[name]]
+        with torch.no_grad():
+            expected, got = full(*inputs[name]), half(*args)
+        assert torch.isfinite(got).all(), f"{name} in {dtype} produced NaN/inf"
+        assert cosine(got, expected) >= 0.999, f"{name} in {dtype}: cosine {cosine(got, expected):.5f}"
+
+
+def test_pipeline_decodes_in_float32_even_when_the_rest_is_half(tmp_path):
+    from sd.checkpoint import save_checkpoint
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "m.safetensors", sd.CLIP(sd.CLIPConfig.tiny()),
+                           sd.VAE_Encoder(sd.VAEConfig.tiny()), sd.VAE_Decoder(sd.VAEConfig.tiny()),
+                           sd.DiffusionUNET(sd.UNetConfig.tiny()))
+    pipe = sd.load_checkpoint(path, device="cpu", dtype=torch.bfloat16)
+    assert next(pipe.unet.parameters()).dtype == torch.bfloat16
+    assert next(pipe.decoder.parameters()).dtype == torch.float32
+    images = pipe.generate("a cat", height=64, width=64, num_inference_steps=2, seed=0, output_type="pt",
+                           progress=False)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
