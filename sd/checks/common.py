@@ -46,6 +46,8 @@ SEED = 0
 # float32 on a CPU: explicit softmax(QK^T)V and the fused kernel differ by ~1e-7; real mistakes by > 1e-2.
 ATOL = 1e-5
 RTOL = 1e-4
+# Messages list at most this many parameter names.
+MAX_LISTED = 24
 
 
 @dataclass
@@ -153,12 +155,12 @@ def copy_weights(learner: nn.Module, reference: nn.Module, name: str = "your mod
     wrong_shape = [k for k in expected if k in got and got[k].shape != expected[k].shape]
     if missing or unexpected or wrong_shape:
         lines = [f"{name}'s parameters differ from the reference's, so the check cannot copy the reference weights in.",
-                 "  expected: " + ", ".join(f"{k} {_shape(v)}" for k, v in expected.items())]
+                 "  expected: " + _listing([f"{k} {_shape(v)}" for k, v in expected.items()])]
         if missing:
-            lines.append("  missing in yours: " + ", ".join(missing))
+            lines.append("  missing in yours: " + _listing(missing))
         if unexpected:
-            lines.append("  unexpected in yours: " + ", ".join(f"{k} {_shape(got[k])}" for k in unexpected))
-        for k in wrong_shape:
+            lines.append("  unexpected in yours: " + _listing([f"{k} {_shape(got[k])}" for k in unexpected]))
+        for k in wrong_shape[:MAX_LISTED]:
             lines.append(f"  wrong shape: {k} is {_shape(got[k])}, expected {_shape(expected[k])}")
         lines.append("  Hint: name the layers as in the exercise cell (the names match SD's checkpoint), "
                      "with the shapes listed above.")
@@ -293,6 +295,12 @@ def _check_callable(check_name: str, obj: Any, what: str) -> None:
     if what.startswith("a class") and not isinstance(obj, type):
         raise AssertionError(f"{check_name} expects {what}, got {_kind(obj)}: pass the class, e.g. "
                              f"{check_name}(SelfAttention), not SelfAttention(...)")
+
+
+def _listing(items: Sequence[str]) -> str:
+    """Comma-separated, cut after MAX_LISTED items (a UNet has hundreds of weights)."""
+    more = f", ... ({len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
 
 
 def _clone(value: Any) -> Any:
