@@ -266,7 +266,7 @@ def train_loop(name: str, model: nn.Module, step_loss: Callable, opts: TrainOpti
         if ema is not None:
             ema.update(model, step)
         step += 1
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         if step % opts.checkpoint_every == 0:

@@ -35,7 +35,7 @@ PRESETS = {
         clip=CLIPConfig(width=32, layers=1, heads=2, mlp_width=64),
         unet=UNetConfig(block_channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
                         heads=2, context_dim=32, norm_groups=8),
-        image_encoder_width=8, embed_dim=16, num_merges=40),
+        image_encoder_width=8, embed_dim=16, num_merges=120),
 }
 
 

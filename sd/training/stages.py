@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from ..data import ShapesDataset
 from .loop import TrainOptions, pick_device, rank_and_world
 from .presets import get_preset
@@ -34,6 +36,7 @@ def train_stage(stage: str, opts: TrainOptions, preset: str = "small", dataset: 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES} (or 'all'), got {stage!r}")
     p = get_preset(preset)
+    torch.manual_seed(opts.seed)          # the same initial weights for the same seed (and on every rank)
     if opts.lr is None:
         opts = dataclasses.replace(opts, lr=LEARNING_RATES[stage])
     dataset = dataset or make_dataset(image_size, seed=opts.seed)

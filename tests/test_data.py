@@ -1,0 +1,97 @@
+"""The shapes dataset: deterministic, captions that say what is drawn, held-out combinations kept out."""
+import pytest
+import torch
+
+from sd.data import (COLORS, HELD_OUT, PALETTE, SHAPES, Attributes, ShapesDataset, all_combinations, caption_for,
+                     draw, show_grid, training_combinations)
+
+
+def _rgb(name):
+    return torch.tensor(PALETTE[name], dtype=torch.float32) / 255
+
+
+def test_same_seed_gives_the_same_images_and_captions_other_seed_does_not():
+    a, b, c = (ShapesDataset(64, seed=s) for s in (3, 3, 4))
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert not torch.equal(a.images, c.images)
+
+
+def test_items_are_images_in_sd_range_with_caption_and_labels():
+    ds = ShapesDataset(16, image_size=64, seed=0)
+    item = ds[5]
+    assert item["image"].shape == (3, 64, 64)
+    assert item["image"].min() >= -1 and item["image"].max() <= 1
+    attrs = ds.attributes[5]
+    assert (SHAPES[item["shape"]], COLORS[item["color"]], COLORS[item["background"]]) == \
+        (attrs.shape, attrs.color, attrs.background)
+    for word in (attrs.shape, attrs.color, f"{attrs.background} background"):
+        assert word in item["caption"]
+
+
+def test_corner_pixel_is_the_background_color_and_centre_the_shape_color():
+    ds = ShapesDataset(200, seed=1)
+    for i in range(200):
+        a = ds.attributes[i]
+        img = (ds.pixels(i) + 1) / 2                                         # back to [0, 1]
+        corner = img[:, 0, 0] if a.position != "top left" else img[:, -1, -1]
+        assert torch.allclose(corner, _rgb(a.background), atol=2 / 255), (i, a)
+        if a.size == "large":
+            assert torch.allclose(img[:, 16, 16], _rgb(a.color), atol=2 / 255), (i, a)
+
+
+def test_edges_are_anti_aliased():
+    img = draw(Attributes("circle", "white", "black", "large", "center"), 32)
+    values = torch.unique((img[0] * 255).round())
+    assert len(values) > 5          # intermediate grey levels on the outline, not just two colors
+
+
+def test_shapes_differ_where_they_should():
+    # a circle leaves the corners of its bounding square empty; a square fills them
+    def coverage(shape):    # 1 inside the shape, 0 outside, from the white-on-black drawing
+        img = draw(Attributes(shape, "white", "black", "large", "center"), 32, radius=10)[0]
+        return (img - _rgb("black")[0]) / (_rgb("white")[0] - _rgb("black")[0])
+    circle, square, triangle = coverage("circle"), coverage("square"), coverage("triangle")
+    assert circle[16, 16] == 1 and square[16, 16] == 1 and triangle[16, 16] == 1
+    assert circle[7, 7] < 0.1 and square[7, 7] > 0.5              # 8.5 px off-centre on both axes: inside the square only
+    assert triangle[8, 16] > 0.5 and triangle[8, 10] < 0.5        # a tip on top, nothing at its upper left
+    assert triangle[20, 8] > 0.5                                  # a wide base at the bottom
+
+
+def test_training_split_never_contains_held_out_combinations():
+    train = ShapesDataset(2000, seed=0, split="train")
+    seen = {(a.shape, a.color, a.background) for a in train.attributes}
+    assert not seen & set(HELD_OUT)
+    assert len(seen) == len(training_combinations()) == len(all_combinations()) - len(HELD_OUT)
+    held = ShapesDataset(50, seed=0, split="held_out")
+    assert {(a.shape, a.color, a.background) for a in held.attributes} <= set(HELD_OUT)
+
+
+def test_each_held_out_attribute_is_seen_in_training():
+    train = set(training_combinations())
+    for shape, color, background in HELD_OUT:
+        assert any(c[0] == shape and c[1] == color for c in train)
+        assert any(c[1] == color and c[2] == background for c in train)
+
+
+def test_caption_reads_as_expected():
+    assert caption_for("circle", "red", "blue") == "a red circle on a blue background"
+    assert caption_for("triangle", "yellow", "black", "small", "top left") == \
+        "a small yellow triangle on a black background in the top left"
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="split"):
+        ShapesDataset(4, split="test")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ShapesDataset(4, image_size=30)
+    with pytest.raises(ValueError, match="shape must be one of"):
+        draw(Attributes("star", "red", "blue", "large", "center"))
+
+
+def test_grid_has_one_panel_per_image_with_its_caption():
+    import matplotlib
+    matplotlib.use("Agg")
+    ds = ShapesDataset(5, seed=0)
+    fig = show_grid(ds.pixels(slice(None)), ds.captions, ncols=3)
+    titles = [ax.get_title().replace("\n", " ") for ax in fig.axes if ax.images]
+    assert titles == ds.captions
