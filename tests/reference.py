@@ -62,3 +62,16 @@ def reference_and_ours(unet_cfg=None, vae_cfg=None, clip_cfg=None, seed=0):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max abs difference relative to the reference's scale (its max abs value)."""
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def diffusers_from_single_file(ckpt: dict, unet_cfg, vae_cfg, clip_cfg) -> dict:
+    """diffusers' own conversion of a CompVis state dict, loaded strictly into fresh diffusers models."""
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint)
+    unet, vae, clip = diffusers_unet(unet_cfg), diffusers_vae(vae_cfg), transformers_clip(clip_cfg)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), strict=True)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), strict=True)
+    clip_state = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(ckpt).items()
+                  if not k.endswith("position_ids")}
+    clip.load_state_dict(clip_state, strict=True)
+    return {"unet": unet.eval(), "vae": vae.eval(), "clip": clip.eval()}

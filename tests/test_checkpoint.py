@@ -8,23 +8,10 @@ from safetensors.torch import save_file
 
 import sd
 from tests.compvis_layout import compvis_checkpoint
-from tests.reference import (diffusers_unet, diffusers_vae, randomize, reference_and_ours, rel_err,
-                             transformers_clip)
+from tests.reference import (diffusers_from_single_file, diffusers_unet, diffusers_vae, randomize,
+                             reference_and_ours, rel_err, transformers_clip)
 
 TOL = 1e-5
-
-
-def diffusers_from_single_file(ckpt: dict, unet_cfg, vae_cfg, clip_cfg) -> dict:
-    """diffusers' own conversion of a CompVis state dict, loaded strictly into fresh diffusers models."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
-    unet, vae, clip = diffusers_unet(unet_cfg), diffusers_vae(vae_cfg), transformers_clip(clip_cfg)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), strict=True)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), strict=True)
-    clip_state = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(ckpt).items()
-                  if not k.endswith("position_ids")}
-    clip.load_state_dict(clip_state, strict=True)
-    return {"unet": unet.eval(), "vae": vae.eval(), "clip": clip.eval()}
 
 
 def assert_same_outputs(pipe, ref, latent_hw=(8, 8), context_dim=128, tol=TOL):

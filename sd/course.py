@@ -1,0 +1,40 @@
+"""Which trained model the notebooks use: real SD v1.5 when at hand, else the project's own small model."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Where real weights come from: a path in this environment variable, else the Hub (on a GPU, e.g. Colab).
+CHECKPOINT_ENV = "SD_CHECKPOINT"
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def load_course_model(device: str | torch.device | None = None, allow_download: bool | None = None):
+    """The best trained model available, and one sentence saying which; None if there is none.
+
+    Order: $SD_CHECKPOINT (a local SD v1.x file or folder); SD v1.5 from the Hugging Face Hub (cache or download,
+    tried on a GPU only: on a CPU it is too slow to be useful in a notebook); the project's small shapes model.
+    """
+    from .checkpoint import DEFAULT_MODEL, load_checkpoint
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if allow_download is None:
+        allow_download = device.type == "cuda"
+    path = os.environ.get(CHECKPOINT_ENV)
+    if path:
+        print(f"Using the SD v1.x checkpoint at ${CHECKPOINT_ENV} = {path}.")
+        return load_checkpoint(path, device=device)
+    if allow_download:
+        try:
+            pipe = load_checkpoint(SD15_REPO, device=device)
+            print(f"Using real Stable Diffusion v1.5 weights ({SD15_REPO}) on {device}.")
+            return pipe
+        except ValueError as e:
+            print(f"SD v1.5 is not reachable ({str(e)[:120]}...); falling back to the project's small model.")
+    if DEFAULT_MODEL.is_file():
+        print("Using the project's own small model, trained on the shapes dataset (no SD v1.5 weights here; "
+              f"set ${CHECKPOINT_ENV} to a checkpoint to use them).")
+        return load_checkpoint(device=device)
+    print("No trained model is available yet (neither SD v1.5 weights nor the project's small model), "
+          "so the pictures below come from untrained weights and show noise.")
+    return None
