@@ -5,7 +5,10 @@ else the reference from `sd`. The shared machinery, and how to add checks for a 
 """
 from .attention import (check_causal_attention, check_cross_attention, check_scaled_dot_product_attention,
                         check_self_attention)
+from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_quick_gelu
 from .common import pick, try_check
+from .vae import (check_reparameterize, check_vae_attention_block, check_vae_decoder, check_vae_downsample,
+                  check_vae_encoder, check_vae_residual_block)
 from .warmup import check_softmax
 
 __all__ = [
@@ -14,4 +17,9 @@ __all__ = [
     "check_softmax",
     # 01 attention
     "check_scaled_dot_product_attention", "check_causal_attention", "check_self_attention", "check_cross_attention",
+    # 02 VAE
+    "check_vae_residual_block", "check_vae_attention_block", "check_reparameterize", "check_vae_downsample",
+    "check_vae_encoder", "check_vae_decoder",
+    # 03 CLIP
+    "check_merge_pair", "check_bpe", "check_clip_embedding", "check_quick_gelu", "check_clip_layer",
 ]
