@@ -7,6 +7,9 @@ from .attention import (check_causal_attention, check_cross_attention, check_sca
                         check_self_attention)
 from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_quick_gelu
 from .common import pick, try_check
+from .diffusion import check_add_noise, check_schedule
+from .unet import (check_geglu, check_res_block, check_spatial_transformer, check_timestep_embedding,
+                   check_transformer_block, check_unet_forward)
 from .vae import (check_reparameterize, check_vae_attention_block, check_vae_decoder, check_vae_downsample,
                   check_vae_encoder, check_vae_residual_block)
 from .warmup import check_softmax
@@ -22,4 +25,9 @@ __all__ = [
     "check_vae_encoder", "check_vae_decoder",
     # 03 CLIP
     "check_merge_pair", "check_bpe", "check_clip_embedding", "check_quick_gelu", "check_clip_layer",
+    # 04 UNet
+    "check_timestep_embedding", "check_res_block", "check_geglu", "check_transformer_block",
+    "check_spatial_transformer", "check_unet_forward",
+    # 05 forward diffusion
+    "check_schedule", "check_add_noise",
 ]
