@@ -35,6 +35,6 @@ def load_course_model(device: str | torch.device | None = None, allow_download: 
         print("Using the project's own small model, trained on the shapes dataset (no SD v1.5 weights here; "
               f"set ${CHECKPOINT_ENV} to a checkpoint to use them).")
         return load_checkpoint(device=device)
-    print("No trained model is available yet (neither SD v1.5 weights nor the project's small model), "
-          "so the pictures below come from untrained weights and show noise.")
+    print("No trained model is available (neither SD v1.5 weights nor the project's small model): "
+          "the figures that need one are skipped or drawn with untrained weights.")
     return None
