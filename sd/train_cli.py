@@ -74,7 +74,7 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=25, help="DDIM steps (default 25)")
     p.add_argument("--cfg", type=float, default=None, metavar="SCALE",
                    help="guidance scale of the guided run (default 5)")
-    p.add_argument("--per-prompt", type=_positive_int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--per-prompt", type=_positive_int, default=8, help="images per prompt (default 8)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line")

@@ -106,9 +106,15 @@ def train_text_encoder(dataset: ShapesDataset, clip_config: CLIPConfig, image_wi
     if rank_and_world()[0] == 0:
         tokenizer.save(Path(opts.out_dir) / "tokenizer")
     meta = {"clip": dataclasses.asdict(clip_config), "image_encoder_width": image_width, "embed_dim": embed_dim}
-    run = train_loop("text", pair, step_loss, opts, meta, weight_decay=0.01)
+    measured = {}
+
+    def finish(model) -> dict:
+        measured["retrieval_accuracy"] = retrieval_accuracy(model, tokenizer, dataset)
+        return measured
+
+    run = train_loop("text", pair, step_loss, opts, meta, weight_decay=0.01, finish=finish)
     run["tokenizer"] = tokenizer
-    run["retrieval_accuracy"] = retrieval_accuracy(run["model"], tokenizer, dataset)
+    run.update(measured)
     return run
 
 
