@@ -11,7 +11,7 @@ import time
 
 STAGE_CHOICES = ("vae", "text", "unet", "all")
 # The command that made the shipped model (README); `python -m sd train all` with no options repeats it.
-DEFAULT_MINUTES = 60.0
+DEFAULT_MINUTES = 48.0
 DEFAULT_BATCH = {"vae": 64, "text": 128, "unet": 128}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,6 @@ def learn_tokenizer(captions: list[str], num_merges: int) -> CLIPTokenizer:
 def train_text_encoder(dataset: ShapesDataset, clip_config: CLIPConfig, image_width: int, embed_dim: int,
                        num_merges: int, opts: TrainOptions) -> dict:
     """Learn the tokenizer, then train CLIP contrastively; writes <out>/text.safetensors and <out>/tokenizer/."""
-    from pathlib import Path
     tokenizer = learn_tokenizer(dataset.captions, num_merges)
     clip_config = dataclasses.replace(clip_config, vocab_size=len(tokenizer))
     pair = ContrastivePair(clip_config, image_width, embed_dim, tokenizer.eos_id)
@@ -134,7 +134,6 @@ def retrieval_accuracy(pair: ContrastivePair, tokenizer: CLIPTokenizer, dataset:
 
 def load_text_encoder(path, tokenizer_dir=None) -> tuple[CLIP, CLIPTokenizer]:
     """The CLIP text model of a text stage checkpoint, and its tokenizer (default: `tokenizer/` beside it)."""
-    from pathlib import Path
     parts, meta = read_stage(path)
     clip = CLIP(CLIPConfig.from_dict(meta["clip"]))
     clip.load_state_dict({k[len("clip."):]: v for k, v in parts["model"].items() if k.startswith("clip.")})
