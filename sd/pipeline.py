@@ -109,7 +109,7 @@ class StableDiffusion:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % m:
             hint = f"; the nearest sizes that work are {nearest_multiples(value, m)}" if isinstance(value, int) and value > 0 else ""
             raise ValueError(f"{name} must be a positive multiple of {m} (the VAE shrinks {self.vae_factor}x and "
-                             f"the UNet halves the latent {self.unet.config.downsample_factor.bit_length() - 1} "
+                             f"the UNet halves the latent {len(self.unet.config.block_channels) - 1} "
                              f"times), got {value!r}{hint}")
 
     # --- the pieces ----------------------------------------------------------------------------------------------
