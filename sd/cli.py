@@ -20,7 +20,8 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, else one clear line."""
     try:
         value = int(text)
     except ValueError:
@@ -30,17 +31,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0, else one clear line."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="PATH",
                    help="SD v1.x weights: a .safetensors/.ckpt file or a diffusers folder; "
                         "default: the project's small model trained on shapes (see README)")
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt: what to steer away from")
-    p.add_argument("--steps", type=_positive_int, default=50, help="denoising steps, 1..1000 (default 50)")
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps, 1..1000 (default 50)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler (default ddim)")
     p.add_argument("--cfg", type=float, default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale; <= 1 turns guidance off (default 7.5)")
     p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same image")
-    p.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt (default 1)")
     p.add_argument("--out", default="image.png", metavar="FILE",
                    help="where to save the PNG; several images get _0, _1, ... (default image.png)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -53,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="text to image", description="Make an image from a text prompt.")
     gen.add_argument("prompt", help='what to draw, e.g. "a red circle on a blue background"')
     _common_options(gen)
-    gen.add_argument("--size", type=_positive_int, default=None, metavar="PIXELS",
+    gen.add_argument("--size", type=positive_int, default=None, metavar="PIXELS",
                      help="image width and height, a multiple of 64 (default: the model's native size, 512 for SD v1.5)")
-    gen.add_argument("--height", type=_positive_int, default=None, help="image height (overrides --size)")
-    gen.add_argument("--width", type=_positive_int, default=None, help="image width (overrides --size)")
+    gen.add_argument("--height", type=positive_int, default=None, help="image height (overrides --size)")
+    gen.add_argument("--width", type=positive_int, default=None, help="image width (overrides --size)")
 
     i2i = sub.add_parser("img2img", help="image to image",
                          description="Repaint an image following a prompt (SDEdit): noise it, then denoise.")
@@ -65,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(i2i)
     i2i.add_argument("--strength", type=float, default=0.8,
                      help="how much to repaint, in (0, 1]: 0.3 keeps the layout, 1.0 ignores the input (default 0.8)")
-    i2i.add_argument("--size", type=_positive_int, default=None, metavar="PIXELS",
+    i2i.add_argument("--size", type=positive_int, default=None, metavar="PIXELS",
                      help="resize the input to this square size (default: keep the input's size)")
 
     try:

@@ -9,30 +9,12 @@ import argparse
 import json
 import time
 
+from .cli import positive_float, positive_int
+
 STAGE_CHOICES = ("vae", "text", "unet", "all")
 # The command that made the shipped model (README); `python -m sd train all` with no options repeats it.
 DEFAULT_MINUTES = 48.0
 DEFAULT_BATCH = {"vae": 64, "text": 128, "unet": 128}
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
@@ -42,22 +24,22 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("stage", choices=STAGE_CHOICES, help="which model to train ('all': the three in order)")
     p.add_argument("--out", default="runs/shapes", metavar="DIR",
                    help="folder for checkpoints, loss plots and model.safetensors (default runs/shapes)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (per stage)")
-    p.add_argument("--minutes", type=_positive_float, default=None,
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (per stage)")
+    p.add_argument("--minutes", type=positive_float, default=None,
                    help=f"wall-clock budget; for 'all' shared 30/5/65%% between the stages "
                         f"(default {DEFAULT_MINUTES:g} when --steps is not given)")
-    p.add_argument("--batch-size", type=_positive_int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="global batch size, split over data-parallel processes "
                         f"(default {', '.join(f'{k} {v}' for k, v in DEFAULT_BATCH.items())})")
-    p.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: per stage)")
-    p.add_argument("--image-size", type=_positive_int, default=32, help="image side in pixels (default 32)")
-    p.add_argument("--dataset-size", type=_positive_int, default=20_000, help="number of training images")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: per stage)")
+    p.add_argument("--image-size", type=positive_int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--dataset-size", type=positive_int, default=20_000, help="number of training images")
     p.add_argument("--preset", default="small", choices=("small", "tiny"), help="model sizes (default small)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the data and the training (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=200, help="steps between checkpoints")
+    p.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps between checkpoints")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads per process (torch)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process (torch)")
     p.add_argument("--save-all-ranks", action="store_true",
                    help="each process also writes <stage>_rank<r>.safetensors (to check that ranks agree)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -71,10 +53,10 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
                                    "combinations), judge them with an attribute classifier, print the accuracy.")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="a model.safetensors (default: the shipped model)")
-    p.add_argument("--steps", type=_positive_int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
     p.add_argument("--cfg", type=float, default=None, metavar="SCALE",
                    help="guidance scale of the guided run (default 5)")
-    p.add_argument("--per-prompt", type=_positive_int, default=8, help="images per prompt (default 8)")
+    p.add_argument("--per-prompt", type=positive_int, default=8, help="images per prompt (default 8)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
