@@ -1,0 +1,231 @@
+"""The exercise checks of notebook 08 (training): the reference passes, plausible wrong ones are named.
+
+The implementations below are written the way a learner would write them (not taken from the checks), so each
+test shows that a real mistake produces a message pointing at it, and that right ones written differently pass.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sd.checks import check_drop_captions, check_unet_training_loss, pick
+from sd.checks.training import reference_drop_captions, reference_unet_training_loss
+
+
+def rejects(check, impl, *fragments: str) -> str:
+    """Run check(impl), expect an AssertionError whose message contains every fragment; return the message."""
+    with pytest.raises(AssertionError) as info:
+        check(impl)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"expected {fragment!r} in the check's message:\n{message}"
+    return message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8.1 the UNet's training loss, as a learner might write it
+# ---------------------------------------------------------------------------------------------------------
+
+def loss_right(unet, latents, context, alphas_cumprod, latent_scale, generator):
+    """Right, written differently: indexing with None, an explicit squared error."""
+    z0 = latents * latent_scale
+    t = torch.randint(0, alphas_cumprod.shape[0], (z0.shape[0],), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator)
+    a = alphas_cumprod[t][:, None, None, None]
+    z_t = torch.sqrt(a) * z0 + torch.sqrt(1 - a) * noise
+    return ((unet(z_t, context, t) - noise) ** 2).mean()
+
+
+def _loss(unet, latents, context, alphas_cumprod, latent_scale, generator, *, target="noise", low=0, high=None,
+          scale=True, noise_first=False, sqrt=True, shift=0, detach=False, item=False, per_sample=False):
+    z0 = latents * latent_scale if scale else latents
+    high = len(alphas_cumprod) if high is None else high
+    if noise_first:
+        noise = torch.randn(z0.shape, generator=generator)
+        t = torch.randint(low, high, (len(z0),), generator=generator)
+    else:
+        t = torch.randint(low, high, (len(z0),), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+    a = alphas_cumprod[t + shift].view(-1, 1, 1, 1)
+    z_t = (a.sqrt() * z0 + (1 - a).sqrt() * noise) if sqrt else (a * z0 + (1 - a) * noise)
+    pred = unet(z_t, context, t)
+    if detach:
+        pred = pred.detach()
+    goal = {"noise": noise, "x0": z0, "z_t": z_t}[target]
+    loss = ((pred - goal) ** 2).mean(dim=(1, 2, 3)) if per_sample else F.mse_loss(pred, goal)
+    return loss.item() if item else loss
+
+
+def loss_predicts_x0(*args):
+    return _loss(*args, target="x0")
+
+
+def loss_t_from_1_to_1000(*args):
+    return _loss(*args, low=1, high=len(args[3]) + 1)
+
+
+def loss_against_noisy_latent(*args):
+    return _loss(*args, target="z_t")
+
+
+def loss_without_latent_scale(*args):
+    return _loss(*args, scale=False)
+
+
+def loss_alpha_bar_without_sqrt(*args):
+    return _loss(*args, sqrt=False)
+
+
+def loss_alpha_bar_previous_step(*args):
+    return _loss(*args, shift=-1)
+
+
+def loss_noise_drawn_first(*args):
+    return _loss(*args, noise_first=True)
+
+
+def loss_global_rng(unet, latents, context, alphas_cumprod, latent_scale, generator):
+    z0 = latents * latent_scale
+    t = torch.randint(0, len(alphas_cumprod), (len(z0),))          # the generator is forgotten
+    noise = torch.randn_like(z0)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, context, t), noise)
+
+
+def loss_hardcoded_1000(unet, latents, context, alphas_cumprod, latent_scale, generator):
+    z0 = latents * latent_scale
+    t = torch.randint(0, 1000, (len(z0),), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, context, t), noise)
+
+
+def test_unet_training_loss_check_passes_the_reference_and_a_right_variant(capsys):
+    assert check_unet_training_loss(reference_unet_training_loss)
+    assert check_unet_training_loss(loss_right)
+    assert capsys.readouterr().out.count("✅ check_unet_training_loss passed") == 2
+
+
+@pytest.mark.parametrize("impl, fragments", [
+    (loss_predicts_x0, ["predicts the NOISE"]),
+    (loss_t_from_1_to_1000, ["t is drawn from [1, T]"]),
+    (loss_against_noisy_latent, ["the target is the noisy latent z_t"]),
+    (loss_without_latent_scale, ["not multiplied by latent_scale"]),
+    (loss_alpha_bar_without_sqrt, ["square roots are missing"]),
+    (loss_alpha_bar_previous_step, ["alpha_bar is taken at t - 1"]),
+    (loss_noise_drawn_first, ["the noise is drawn before t"]),
+    (loss_global_rng, ["generators seeded alike", "generator=generator"]),
+    (loss_hardcoded_1000, ["IndexError", "don't assume T = 1000"]),
+])
+def test_unet_training_loss_check_names_the_mistake(impl, fragments):
+    rejects(check_unet_training_loss, impl, *fragments)
+
+
+def test_unet_training_loss_check_explains_losses_that_cannot_train():
+    rejects(check_unet_training_loss, lambda *a: _loss(*a, item=True), "should be a tensor", "loss.item()")
+    rejects(check_unet_training_loss, lambda *a: _loss(*a, per_sample=True), "should be one number", "shape (4,)")
+    rejects(check_unet_training_loss, lambda *a: _loss(*a, detach=True), "carries no gradient")
+
+
+def test_unet_training_loss_check_compares_gradients_not_only_the_loss():
+    def half_detached(unet, latents, context, alphas_cumprod, latent_scale, generator):
+        # the same value, but only half of the batch sends gradients into the UNet
+        z0 = latents * latent_scale
+        t = torch.randint(0, len(alphas_cumprod), (len(z0),), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, context, t)
+        b = len(z0) // 2
+        pred = torch.cat([pred[:b], pred[b:].detach()])
+        return F.mse_loss(pred, noise)
+
+    rejects(check_unet_training_loss, half_detached, "the loss is right but the gradients")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8.2 caption dropout, as a learner might write it
+# ---------------------------------------------------------------------------------------------------------
+
+def drop_right(captions, generator, p=0.1):
+    drop = torch.rand(len(captions), generator=generator) < p
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def drop_right_in_a_loop(captions, generator, p=0.1):
+    """Right, written differently: one scalar draw per caption, in order."""
+    out = []
+    for caption in captions:
+        out.append("" if torch.rand((), generator=generator).item() < p else caption)
+    return out
+
+
+def drop_with_probability_0_9(captions, generator, p=0.1):
+    keep = torch.rand(len(captions), generator=generator) < p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def drop_whole_batch(captions, generator, p=0.1):
+    if torch.rand(1, generator=generator).item() < p:
+        return [""] * len(captions)
+    return list(captions)
+
+
+def drop_to_space(captions, generator, p=0.1):
+    drop = torch.rand(len(captions), generator=generator) < p
+    return [" " if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def drop_to_none(captions, generator, p=0.1):
+    drop = torch.rand(len(captions), generator=generator) < p
+    return [None if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def drop_in_place(captions, generator, p=0.1):
+    drop = torch.rand(len(captions), generator=generator) < p
+    for i, d in enumerate(drop.tolist()):
+        if d:
+            captions[i] = ""
+    return captions
+
+
+def drop_with_python_random(captions, generator, p=0.1):
+    import random
+    return ["" if random.random() < p else c for c in captions]
+
+
+def test_drop_captions_check_passes_the_reference_and_right_variants(capsys):
+    for impl in (reference_drop_captions, drop_right, drop_right_in_a_loop):
+        assert check_drop_captions(impl)
+    assert capsys.readouterr().out.count("✅ check_drop_captions passed") == 3
+
+
+def test_reference_drop_captions_drops_where_a_uniform_draw_is_below_p():
+    captions = [f"caption {i}" for i in range(2000)]
+    got = reference_drop_captions(captions, torch.Generator().manual_seed(5), 0.1)
+    u = torch.rand(2000, generator=torch.Generator().manual_seed(5))
+    assert [c == "" for c in got] == (u < 0.1).tolist()
+    assert 0.08 < sum(c == "" for c in got) / 2000 < 0.12
+    assert all(g in ("", c) for g, c in zip(got, captions))
+
+
+@pytest.mark.parametrize("impl, fragments", [
+    (drop_with_probability_0_9, ["probability 1 - p"]),
+    (drop_whole_batch, ["the whole batch is dropped or kept at once"]),
+    (drop_to_space, ["a space"]),
+    (drop_to_none, ["None", 'empty string ""']),
+    (drop_in_place, ["changed the list it was given"]),
+    (drop_with_python_random, ["generators seeded alike"]),
+])
+def test_drop_captions_check_names_the_mistake(impl, fragments):
+    rejects(check_drop_captions, impl, *fragments)
+
+
+def test_pick_goes_on_with_the_reference_when_the_learner_is_stuck(capsys):
+    def stuck(captions, generator, p=0.1):
+        raise NotImplementedError("Exercise 8.2: draw one number per caption")
+
+    assert pick(check_drop_captions, stuck, reference=reference_drop_captions) is reference_drop_captions
+    assert pick(check_drop_captions, drop_right, reference=reference_drop_captions) is drop_right
+    out = capsys.readouterr().out
+    assert "not done yet" in out and "using the reference" in out
