@@ -170,22 +170,21 @@ def _load_optimizer(optimizer, flat: dict, param_groups: list) -> None:
 def plot_losses(losses: list[float], path: Path, title: str) -> Path | None:
     """Save the loss curve (raw and smoothed) as a PNG; returns None when matplotlib is missing."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # a bare Figure, not pyplot: saving a file must not change the backend of a notebook's kernel
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     window = max(1, len(losses) // 50)
     smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
               for i in range(len(losses))]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
     ax.plot(losses, alpha=0.3, label="loss")
     ax.plot(smooth, label=f"mean of {window}")
     ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
