@@ -145,7 +145,10 @@ def main():
     p.add_argument("--image-full-on-cpu", action="store_true", help="whole full-size images on CPU too (slow)")
     p.add_argument("--steps", type=int, default=50, help="steps per image (default 50)")
     p.add_argument("--checkpoint", default=None, help="real SD v1.5 single-file weights for the full config")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
