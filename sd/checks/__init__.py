@@ -8,6 +8,8 @@ from .attention import (check_causal_attention, check_cross_attention, check_sca
 from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_quick_gelu
 from .common import pick, try_check
 from .diffusion import check_add_noise, check_schedule
+from .pipeline import check_text_to_image
+from .sampling import check_classifier_free_guidance, check_ddim_step, check_ddpm_step, check_previous_alpha_bars
 from .training import check_drop_captions, check_unet_training_loss
 from .unet import (check_geglu, check_res_block, check_spatial_transformer, check_timestep_embedding,
                    check_transformer_block, check_unet_forward)
@@ -31,6 +33,10 @@ __all__ = [
     "check_spatial_transformer", "check_unet_forward",
     # 05 forward diffusion
     "check_schedule", "check_add_noise",
+    # 06 sampling
+    "check_ddpm_step", "check_ddim_step", "check_previous_alpha_bars", "check_classifier_free_guidance",
+    # 07 text to image
+    "check_text_to_image",
     # 08 training
     "check_unet_training_loss", "check_drop_captions",
 ]
