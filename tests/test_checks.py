@@ -18,16 +18,7 @@ from sd.attention import explicit_attention
 from sd.checks import (check_causal_attention, check_cross_attention, check_scaled_dot_product_attention,
                        check_self_attention, check_softmax, pick, try_check)
 from sd.checks.common import copy_weights
-
-
-def rejects(check, impl, *fragments: str) -> str:
-    """Run check(impl), expect an AssertionError whose message contains every fragment; return the message."""
-    with pytest.raises(AssertionError) as info:
-        check(impl)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"expected {fragment!r} in the check's message:\n{message}"
-    return message
+from tests.check_helpers import rejects
 
 
 # ---------------------------------------------------------------------------------------------------------

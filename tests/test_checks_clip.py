@@ -18,16 +18,7 @@ from sd.bpe import bpe, get_pairs, merge_pair
 from sd.checks import (check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_quick_gelu,
                        pick)
 from sd.clip import CLIPEmbedding, CLIPLayer, quick_gelu
-
-
-def rejects(check, impl, *fragments: str) -> str:
-    """Run check(impl), expect an AssertionError whose message contains every fragment; return the message."""
-    with pytest.raises(AssertionError) as info:
-        check(impl)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"expected {fragment!r} in the check's message:\n{message}"
-    return message
+from tests.check_helpers import rejects
 
 
 def test_clip_checks_pass_the_reference_with_one_line_each(capsys):

@@ -13,16 +13,7 @@ import torch
 
 from sd.checks import check_add_noise, check_schedule, pick
 from sd.diffusion import DiffusionScheduler
-
-
-def rejects(check, impl, *fragments: str) -> str:
-    """Run check(impl), expect an AssertionError whose message contains every fragment; return the message."""
-    with pytest.raises(AssertionError) as info:
-        check(impl)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"expected {fragment!r} in the check's message:\n{message}"
-    return message
+from tests.check_helpers import rejects
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,16 +15,7 @@ from sd.checks import (check_classifier_free_guidance, check_ddim_step, check_dd
 from sd.checks.sampling import ToyUNet, reference_guidance
 from sd.diffusion import DiffusionScheduler
 from sd.samplers import ddim_step, ddpm_step
-
-
-def rejects(check, impl, *fragments: str) -> str:
-    """Run check(impl), expect an AssertionError whose message contains every fragment; return the message."""
-    with pytest.raises(AssertionError) as info:
-        check(impl)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"expected {fragment!r} in the check's message:\n{message}"
-    return message
+from tests.check_helpers import rejects
 
 
 # ---------------------------------------------------------------------------------------------------------

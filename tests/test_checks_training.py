@@ -11,16 +11,7 @@ import torch.nn.functional as F
 
 from sd.checks import check_drop_captions, check_unet_training_loss, pick
 from sd.checks.training import reference_drop_captions, reference_unet_training_loss
-
-
-def rejects(check, impl, *fragments: str) -> str:
-    """Run check(impl), expect an AssertionError whose message contains every fragment; return the message."""
-    with pytest.raises(AssertionError) as info:
-        check(impl)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"expected {fragment!r} in the check's message:\n{message}"
-    return message
+from tests.check_helpers import rejects
 
 
 # ---------------------------------------------------------------------------------------------------------

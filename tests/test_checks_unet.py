@@ -19,16 +19,7 @@ from sd.checks import (check_geglu, check_res_block, check_spatial_transformer, 
 from sd.cross_attention import CrossAttention
 from sd.timestep_embedding import timestep_embedding
 from sd.unet_blocks import GEGLU, FeedForward, ResBlock, SpatialTransformer, TransformerBlock
-
-
-def rejects(check, impl, *fragments: str) -> str:
-    """Run check(impl), expect an AssertionError whose message contains every fragment; return the message."""
-    with pytest.raises(AssertionError) as info:
-        check(impl)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"expected {fragment!r} in the check's message:\n{message}"
-    return message
+from tests.check_helpers import rejects
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,16 +16,7 @@ import sd
 from sd.checks import (check_reparameterize, check_vae_attention_block, check_vae_decoder, check_vae_downsample,
                        check_vae_encoder, check_vae_residual_block, pick)
 from sd.vae_blocks import Upsample, VAE_AttentionBlock, VAE_Downsample, VAE_ResidualBlock
-
-
-def rejects(check, impl, *fragments: str) -> str:
-    """Run check(impl), expect an AssertionError whose message contains every fragment; return the message."""
-    with pytest.raises(AssertionError) as info:
-        check(impl)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"expected {fragment!r} in the check's message:\n{message}"
-    return message
+from tests.check_helpers import rejects
 
 
 # ---------------------------------------------------------------------------------------------------------
