@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks_input import check_image_like
+from .validation import check_image_like
 from .config import VAEConfig
 from .encoder import VAEMidBlock
 from .vae_blocks import Upsample, VAE_ResidualBlock, vae_norm

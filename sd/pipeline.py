@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks_input import nearest_multiples
+from .validation import nearest_multiples
 from .diffusion import DiffusionScheduler
 
 

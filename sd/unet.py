@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks_input import check_image_like
+from .validation import check_image_like
 from .config import UNetConfig
 from .timestep_embedding import TimeEmbedding, timestep_embedding
 from .unet_blocks import RESBLOCK_NORM_EPS, Downsample, ResBlock, SpatialTransformer
