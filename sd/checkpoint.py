@@ -287,7 +287,7 @@ def load_checkpoint(source=None, device: str | torch.device | None = None, dtype
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if hub.looks_like_repo_id(source):
-        source = hub.fetch(source, fp16=dtype == torch.float16)
+        source = hub.fetch(source, fp16=dtype != torch.float32)   # half-size files for float16 and bfloat16
     parts, configs, tokenizer_dir = read_source(source)
     models = build_models(parts, configs)
     for name, m in models.items():

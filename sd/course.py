@@ -17,24 +17,26 @@ def load_course_model(device: str | torch.device | None = None, allow_download: 
     tried on a GPU only: on a CPU it is too slow to be useful in a notebook); the project's small shapes model.
     """
     from .checkpoint import DEFAULT_MODEL, load_checkpoint
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .runtime import detect_runtime
+    runtime = detect_runtime(device)   # float16 / bfloat16 and memory savers on a GPU, float32 on a CPU
+    device = runtime.device
     if allow_download is None:
         allow_download = device.type == "cuda"
     path = os.environ.get(CHECKPOINT_ENV)
     if path:
         print(f"Using the SD v1.x checkpoint at ${CHECKPOINT_ENV} = {path}.")
-        return load_checkpoint(path, device=device)
+        return runtime.apply(load_checkpoint(path, device=device, dtype=runtime.dtype))
     if allow_download:
         try:
-            pipe = load_checkpoint(SD15_REPO, device=device)
-            print(f"Using real Stable Diffusion v1.5 weights ({SD15_REPO}) on {device}.")
+            pipe = runtime.apply(load_checkpoint(SD15_REPO, device=device, dtype=runtime.dtype))
+            print(f"Using real Stable Diffusion v1.5 weights ({SD15_REPO}) on {device} in {runtime.dtype}.")
             return pipe
         except ValueError as e:
             print(f"SD v1.5 is not reachable ({str(e)[:120]}...); falling back to the project's small model.")
     if DEFAULT_MODEL.is_file():
         print("Using the project's own small model, trained on the shapes dataset (no SD v1.5 weights here; "
               f"set ${CHECKPOINT_ENV} to a checkpoint to use them).")
-        return load_checkpoint(device=device)
+        return load_checkpoint(device=device, dtype=runtime.dtype)
     print("No trained model is available (neither SD v1.5 weights nor the project's small model): "
           "the figures that need one are skipped or drawn with untrained weights.")
     return None

@@ -75,3 +75,21 @@ def test_channels_last_gives_the_same_images(pipe):
     expected = pipe.generate("a cat", **KW)
     pipe.enable_channels_last()
     assert torch.allclose(pipe.generate("a cat", **KW), expected, atol=1e-5)
+
+
+def test_compiled_unet_is_one_graph_compiled_once_for_all_steps(pipe):
+    """No graph break and no recompilation in the step loop (what CUDA graphs and torch.compile need): the
+    timestep reaches the UNet as a tensor, and the UNet has no data-dependent Python branches."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):   # a torch.compile backend that runs the graph as is
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    expected = pipe.generate("a cat", **{**KW, "num_inference_steps": 4})
+    torch._dynamo.reset()
+    pipe.compile_unet(backend=counting_backend, fullgraph=True)
+    got = pipe.generate("a cat", **{**KW, "num_inference_steps": 4})
+    torch._dynamo.reset()
+    assert len(graphs) == 1, f"the UNet was compiled {len(graphs)} times for 4 steps"
+    assert torch.allclose(got, expected, atol=1e-5)

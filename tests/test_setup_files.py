@@ -29,3 +29,13 @@ def test_environment_yml_agrees_with_pyproject_and_readme():
     assert re.search(r"open-clip-torch==[\d.]+", env).group(0) in _readme_block("Set-up")[0]
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "test" in extras and any("diffusers" in d for d in extras["test"])
+
+
+def test_colab_set_up_cell_installs_the_open_clip_version_of_the_readme():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_notebooks", ROOT / "tools" / "make_notebooks.py")
+    make_notebooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_notebooks)
+    pin = f"open-clip-torch=={make_notebooks.OPEN_CLIP_VERSION}"
+    assert pin in make_notebooks.header_cells("notebooks", "00_start_here.ipynb")[1].source
+    assert pin in _readme_block("Set-up")[0]

@@ -37,6 +37,7 @@ import nbformat
 REPOSITORY = "https://github.com/sd-from-scratch/sd-from-scratch"
 BRANCH = "main"
 PACKAGE = "sd-from-scratch"   # the distribution name in pyproject.toml
+OPEN_CLIP_VERSION = "3.3.0"   # as in .ci/run and the README's set-up
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = "solutions"
@@ -57,30 +58,34 @@ COLAB_METADATA = {"accelerator": "GPU", "colab": {"gpuType": "T4", "provenance":
 
 SETUP_SOURCE = '''\
 # Set-up (the same in every notebook, written by tools/make_notebooks.py): on Colab, install the course's
-# package from its repository; everywhere, pick the device and FULL_SIZE, the one setting that sizes the notebook.
+# package from its repository; everywhere, pick the device, the number format, the memory savers and FULL_SIZE,
+# the one setting that sizes the notebook.
 import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
-                    "{package}[course] @ git+{repository}@{branch}"], check=True)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    subprocess.run(pip + ["{package}[course] @ git+{repository}@{branch}"], check=True)
+    # the real CLIP tokenizer's merges file ships in open_clip; --no-deps keeps Colab's own torch
+    subprocess.run(pip + ["--no-deps", "open-clip-torch=={open_clip_version}"], check=True)
+    importlib.invalidate_caches()
 elif importlib.util.find_spec("sd") is None and Path("../sd/__init__.py").exists():
     sys.path.insert(0, str(Path("..").resolve()))   # a clone without `pip install -e .`: use its sd/
 
 import torch
+from sd.runtime import detect_runtime
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# float16 on a T4, bfloat16 on an A100/L4/H100, float32 on a CPU; memory savers chosen by the GPU's memory
+RUNTIME = detect_runtime()
+DEVICE, DTYPE = RUNTIME.device, RUNTIME.dtype
 # True on a GPU: full-size SD v1.5 at 512 x 512. False on a CPU: small sizes, few steps, the same code path.
-FULL_SIZE = torch.cuda.is_available()
+FULL_SIZE = DEVICE.type == "cuda"
 
-if DEVICE.type == "cuda":
-    gpu = torch.cuda.get_device_properties(0)
-    print(f"GPU: {{gpu.name}}, {{gpu.total_memory / 2**30:.1f}} GiB; FULL_SIZE = {{FULL_SIZE}}")
-else:
-    print(f"No GPU: running on the CPU at small sizes (FULL_SIZE = {{FULL_SIZE}})"
-          + ("; for a GPU: Runtime > Change runtime type" if "google.colab" in sys.modules else ""))'''
+print(f"{{RUNTIME}}; FULL_SIZE = {{FULL_SIZE}}"
+      + ("; for a GPU: Runtime > Change runtime type" if DEVICE.type == "cpu" and "google.colab" in sys.modules
+         else ""))'''
 
 
 class NotebookError(ValueError):
@@ -153,7 +158,8 @@ def header_cells(folder: str, name: str) -> tuple[nbformat.NotebookNode, nbforma
                  f"[{NOTEBOOKS}/{name}](../{NOTEBOOKS}/{name}).*")
     badge_cell = nbformat.v4.new_markdown_cell(text, id="course-badge")
     badge_cell.metadata[HEADER_KEY] = "badge"
-    setup = SETUP_SOURCE.format(package=PACKAGE, repository=REPOSITORY, branch=BRANCH)
+    setup = SETUP_SOURCE.format(package=PACKAGE, repository=REPOSITORY, branch=BRANCH,
+                                 open_clip_version=OPEN_CLIP_VERSION)
     setup_cell = nbformat.v4.new_code_cell(setup, id="course-setup")
     setup_cell.metadata[HEADER_KEY] = "setup"
     return badge_cell, setup_cell

@@ -1,0 +1,64 @@
+"""Which machine the course runs on: the device, the number format, and the memory savers that fit its GPU.
+
+The notebooks' set-up cell calls `detect_runtime()` once; `sd.course.load_course_model` applies the same choice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# bfloat16 needs Ampere or newer (compute capability 8.0: A100, L4, H100, RTX 30xx); older GPUs (T4 is 7.5, V100
+# 7.0) emulate it slowly, so they get float16. Both halve the memory and the download of the weights.
+BF16_MIN_CAPABILITY = 8
+# GPU memory (GiB) below which each saver is switched on. SD v1.5 in half precision holds 2.3 GB of weights and
+# peaks near 3.5 GB for one 512 x 512 image with fused attention; CPU offload keeps only one model on the GPU.
+SLICING_BELOW_GIB = 8.0        # attention slicing and VAE tiling: smaller attention and decoder activations
+OFFLOAD_BELOW_GIB = 6.0        # model CPU offload: the text encoder, UNet and VAE visit the GPU in turn
+
+SAVERS = ("vae_slicing", "attention_slicing", "vae_tiling", "model_cpu_offload")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    savers: tuple[str, ...] = ()
+    gpu_name: str | None = None
+    gpu_gib: float | None = None
+
+    def apply(self, pipe):
+        """Switch on this runtime's memory savers on an `sd.StableDiffusion` pipeline; returns it."""
+        for saver in self.savers:
+            getattr(pipe, f"enable_{saver}")()
+        return pipe
+
+    def __str__(self) -> str:
+        if self.device.type != "cuda":
+            return f"No GPU: {self.device}, {str(self.dtype).removeprefix('torch.')}"
+        savers = ", ".join(self.savers) or "none"
+        return (f"GPU: {self.gpu_name}, {self.gpu_gib:.1f} GiB; {str(self.dtype).removeprefix('torch.')}; "
+                f"memory savers: {savers}")
+
+
+def savers_for(gib: float) -> tuple[str, ...]:
+    """Memory savers for a GPU with `gib` GiB. VAE slicing (decode a batch one image at a time) is always on:
+    it changes no number and costs almost nothing."""
+    savers = ["vae_slicing"]
+    if gib < SLICING_BELOW_GIB:
+        savers += ["attention_slicing", "vae_tiling"]
+    if gib < OFFLOAD_BELOW_GIB:
+        savers.append("model_cpu_offload")
+    return tuple(savers)
+
+
+def detect_runtime(device: str | torch.device | None = None) -> Runtime:
+    """CUDA when available (float16 or bfloat16, savers by memory), else the CPU in float32."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                          else "cpu")
+    if device.type != "cuda":
+        return Runtime(device, torch.float32)
+    props = torch.cuda.get_device_properties(device)
+    gib = props.total_memory / 2**30
+    dtype = torch.bfloat16 if props.major >= BF16_MIN_CAPABILITY else torch.float16
+    return Runtime(device, dtype, savers_for(gib), props.name, gib)

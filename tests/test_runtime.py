@@ -1,0 +1,58 @@
+"""The set-up cell's choice of number format and memory savers, for the GPUs learners meet on Colab."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import sd
+from sd.attention import SelfAttention
+from sd.cross_attention import CrossAttention
+from sd.runtime import Runtime, detect_runtime, savers_for
+
+GIB = 2**30
+
+
+def fake_gpu(monkeypatch, name: str, major: int, minor: int, gib: float):
+    props = SimpleNamespace(name=name, major=major, minor=minor, total_memory=int(gib * GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+
+
+def test_cpu_runs_in_float32_without_savers():
+    runtime = detect_runtime("cpu")
+    assert (runtime.device.type, runtime.dtype, runtime.savers) == ("cpu", torch.float32, ())
+    assert str(runtime).startswith("No GPU")
+
+
+@pytest.mark.parametrize("name, major, minor, gib, dtype", [
+    ("Tesla T4", 7, 5, 14.7, torch.float16),            # Colab's free GPU: no fast bfloat16
+    ("Tesla V100-SXM2-16GB", 7, 0, 15.8, torch.float16),
+    ("NVIDIA L4", 8, 9, 22.0, torch.bfloat16),
+    ("NVIDIA A100-SXM4-40GB", 8, 0, 39.4, torch.bfloat16),
+])
+def test_gpu_dtype_follows_compute_capability(monkeypatch, name, major, minor, gib, dtype):
+    fake_gpu(monkeypatch, name, major, minor, gib)
+    runtime = detect_runtime("cuda")
+    assert runtime.dtype == dtype
+    assert name in str(runtime) and f"{gib:.1f} GiB" in str(runtime)
+
+
+def test_savers_grow_as_memory_shrinks():
+    assert savers_for(14.7) == ("vae_slicing",)                      # a T4 holds SD v1.5 without help
+    assert set(savers_for(7.5)) == {"vae_slicing", "attention_slicing", "vae_tiling"}
+    assert set(savers_for(4.0)) == {"vae_slicing", "attention_slicing", "vae_tiling", "model_cpu_offload"}
+
+
+def test_small_gpu_gets_offload(monkeypatch):
+    fake_gpu(monkeypatch, "GeForce GTX 1650", 7, 5, 3.8)
+    runtime = detect_runtime("cuda")
+    assert "model_cpu_offload" in runtime.savers and "model_cpu_offload" in str(runtime)
+
+
+def test_apply_switches_the_savers_on():
+    pipe = sd.load_checkpoint(device="cpu")        # the shipped small model
+    Runtime(torch.device("cpu"), torch.float32, ("vae_slicing", "attention_slicing", "vae_tiling")).apply(pipe)
+    assert pipe.vae_slicing
+    attentions = [m for m in pipe.unet.modules() if isinstance(m, (SelfAttention, CrossAttention))]
+    assert attentions and all(m.slice_size == 1 for m in attentions)
+    assert pipe.vae_tiling
+    assert not pipe.cpu_offload
