@@ -3,10 +3,10 @@
     python -m benchmarks.memory            # estimate, on any machine (no GPU, no weights, a few seconds)
     python -m benchmarks.speed --device cuda --image   # measured on a GPU: its "peak" column
 
-Without a GPU the figures are estimated: the full-size models are built as fake CUDA tensors (shapes and dtypes,
-no data: torch's FakeTensorMode) and each stage of `generate` (the text encoder on the prompts, one guided UNet
-step, the VAE decode) runs on them while a dispatch mode adds up the bytes of live CUDA tensors, rounded up to
-the allocator's 512-byte blocks, as `torch.cuda.max_memory_allocated` counts them. Peak = the weights on the GPU +
+Without a GPU the figures are estimated: the full-size models are built of fake tensors (shapes and dtypes, no
+data: torch's FakeTensorMode) and each stage of `generate` (the text encoder on the prompts, one guided UNet
+step, the VAE decode) runs on them while a dispatch mode adds up the bytes of the tensors alive, rounded up to
+the CUDA allocator's 512-byte blocks, as `torch.cuda.max_memory_allocated` counts them. Peak = the weights on the GPU +
 the largest stage. Attention runs through the flash kernel's shapes where CUDA would use it (float16/bfloat16,
 head width a multiple of 8 up to 256), else through the explicit softmax(QK^T)V (an upper bound).
 Not counted: the CUDA context and cuBLAS workspace (about 0.3-0.5 GB outside max_memory_allocated), and the
@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import sd
+from sd.config import LATENT_SCALE
 from sd.pipeline import StableDiffusion
 from tests.reference import diffusers_unet, diffusers_vae, transformers_clip
 
@@ -38,8 +39,8 @@ TOKENS = 77
 FAKE_DEVICE = "cpu"
 
 
-class LiveCudaBytes(TorchDispatchMode):
-    """Bytes of CUDA tensor storage created inside this mode and still alive; `peak` is the highest seen."""
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage created inside this mode and still alive; `peak` is the highest seen."""
 
     def __init__(self):
         super().__init__()
@@ -51,7 +52,8 @@ class LiveCudaBytes(TorchDispatchMode):
             self.now -= self.live.pop(ref)
         out = func(*args, **(kwargs or {}))
         # views and in-place results share an input's storage: nothing new was allocated
-        inputs = {StorageWeakRef(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {StorageWeakRef(t.untyped_storage()) for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == FAKE_DEVICE:
                 ref = StorageWeakRef(t.untyped_storage())
@@ -81,13 +83,13 @@ class CudaAttentionKernels(TorchFunctionMode):
 
 def stage_peak(fn) -> int:
     """Peak bytes allocated by `fn()` on top of what was already there."""
-    with torch.no_grad(), CudaAttentionKernels(), LiveCudaBytes() as counter:
+    with torch.no_grad(), CudaAttentionKernels(), LiveBytes() as counter:
         fn()
     return counter.peak
 
 
-def on_fake_gpu(build, dtype) -> torch.nn.Module:
-    """`build()` on the meta device (no memory, no init), then every weight as an empty fake CUDA tensor."""
+def fake_weights(build, dtype) -> torch.nn.Module:
+    """`build()` on the meta device (no memory, no init), then every weight as an empty fake tensor."""
     with torch.device("meta"):
         module = build()
     for m in module.modules():
@@ -109,10 +111,10 @@ def weight_bytes(*models) -> int:
 def ours(batch: int, dtype, savers: tuple[str, ...]) -> dict[str, int]:
     unet_cfg, vae_cfg, clip_cfg = sd.UNetConfig(), sd.VAEConfig(), sd.CLIPConfig()
     # as sd.load_checkpoint places them: the VAE in float32
-    pipe = StableDiffusion(unet=on_fake_gpu(lambda: sd.DiffusionUNET(unet_cfg), dtype),
-                           encoder=on_fake_gpu(lambda: sd.VAE_Encoder(vae_cfg), torch.float32),
-                           decoder=on_fake_gpu(lambda: sd.VAE_Decoder(vae_cfg), torch.float32),
-                           clip=on_fake_gpu(lambda: sd.CLIP(clip_cfg), dtype),
+    pipe = StableDiffusion(unet=fake_weights(lambda: sd.DiffusionUNET(unet_cfg), dtype),
+                           encoder=fake_weights(lambda: sd.VAE_Encoder(vae_cfg), torch.float32),
+                           decoder=fake_weights(lambda: sd.VAE_Decoder(vae_cfg), torch.float32),
+                           clip=fake_weights(lambda: sd.CLIP(clip_cfg), dtype),
                            tokenizer=sd.CLIPTokenizer(), device=FAKE_DEVICE, dtype=dtype)
     for saver in savers:
         getattr(pipe, f"enable_{saver}")()
@@ -129,9 +131,9 @@ def ours(batch: int, dtype, savers: tuple[str, ...]) -> dict[str, int]:
 
 def diffusers(batch: int, dtype, savers: tuple[str, ...]) -> dict[str, int]:
     # StableDiffusionPipeline.to("cuda", float16): the VAE in float16 too
-    unet = on_fake_gpu(lambda: diffusers_unet(sd.UNetConfig()), dtype)
-    vae = on_fake_gpu(lambda: diffusers_vae(sd.VAEConfig()), dtype)
-    clip = on_fake_gpu(lambda: transformers_clip(sd.CLIPConfig()), dtype)
+    unet = fake_weights(lambda: diffusers_unet(sd.UNetConfig()), dtype)
+    vae = fake_weights(lambda: diffusers_vae(sd.VAEConfig()), dtype)
+    clip = fake_weights(lambda: transformers_clip(sd.CLIPConfig()), dtype)
     if "vae_slicing" in savers:
         vae.enable_slicing()
     x = torch.randn(2 * batch, 4, LATENT, LATENT, device=FAKE_DEVICE, dtype=dtype)
@@ -141,7 +143,7 @@ def diffusers(batch: int, dtype, savers: tuple[str, ...]) -> dict[str, int]:
     return {"weights": {"unet": weight_bytes(unet), "decoder": weight_bytes(vae), "clip": weight_bytes(clip)},
             "text": stage_peak(lambda: clip(ids)),
             "unet": stage_peak(lambda: unet(x, t, encoder_hidden_states=context)),
-            "decode": stage_peak(lambda: vae.decode(x[:batch] / 0.18215))}
+            "decode": stage_peak(lambda: vae.decode(x[:batch] / LATENT_SCALE))}
 
 
 def total(parts: dict, offload: bool) -> int:
