@@ -1,7 +1,7 @@
 """Half precision stays within half-precision noise of float32, and the decoded image never has NaNs.
 
-On CPU this runs in bfloat16 (what CPUs compute in half precision); on a CUDA machine also in float16,
-at full SD v1.5 size.
+On CPU this runs in bfloat16 (what CPUs compute in half precision), tiny and at full SD v1.5 size; on a CUDA
+machine also in float16.
 """
 import copy
 
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import sd
 from tests.reference import randomize
 
-CASES = [("cpu", torch.bfloat16, "tiny")]
+CASES = [("cpu", torch.bfloat16, "tiny"),
+         pytest.param("cpu", torch.bfloat16, "full", marks=pytest.mark.full_size)]   # SD v1.5 sizes, ~30 s
 if torch.cuda.is_available():
     CASES += [("cuda", torch.float16, "tiny"), ("cuda", torch.float16, "full"), ("cuda", torch.bfloat16, "full")]
 
