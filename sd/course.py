@@ -40,3 +40,22 @@ def load_course_model(device: str | torch.device | None = None, allow_download: 
     print("No trained model is available (neither SD v1.5 weights nor the project's small model): "
           "the figures that need one are skipped or drawn with untrained weights.")
     return None
+
+
+def untrained_model(device: str | torch.device = "cpu", image_size: int = 32, seed: int = 0):
+    """The small model's shapes with random weights (its pictures are noise): the notebooks' stand-in when no
+    trained model is at hand, so that every cell still runs the same code."""
+    import dataclasses
+
+    from . import CLIP, CLIPTokenizer, DiffusionUNET, VAE_Decoder, VAE_Encoder
+    from .pipeline import StableDiffusion
+    from .training.presets import get_preset
+    small = get_preset("small")
+    unet_config = dataclasses.replace(small.unet, sample_size=image_size // small.vae.downsample_factor)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        models = dict(clip=CLIP(small.clip), encoder=VAE_Encoder(small.vae), decoder=VAE_Decoder(small.vae),
+                      unet=DiffusionUNET(unet_config))
+    for model in models.values():
+        model.to(device).eval().requires_grad_(False)
+    return StableDiffusion(**models, tokenizer=CLIPTokenizer(), device=device)
