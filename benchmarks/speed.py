@@ -12,6 +12,7 @@ package is not slower). Weights: random of the real shapes (or --checkpoint), co
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -19,6 +20,7 @@ import torch
 
 import sd
 from sd.checkpoint import build_models, convert_diffusers
+from sd.course import CHECKPOINT_ENV
 from sd.pipeline import StableDiffusion
 from tests.reference import diffusers_unet, diffusers_vae, randomize, transformers_clip
 
@@ -108,7 +110,8 @@ def bench(name, args, device, dtype):
     if args.compile:
         modes.append(("compiled", torch.compile(ref.unet), torch.compile(ours.unet)))
     with torch.no_grad():
-        print(f"# {name}: max |sd - diffusers| of one UNet step: "
+        weights = args.checkpoint if name == "full" and args.checkpoint else "random, same in both"
+        print(f"# {name}: weights {weights}; max |sd - diffusers| of one UNet step: "
               f"{(ours.unet(x, ctx, t) - ref.unet(x, t, encoder_hidden_states=ctx).sample).abs().max().item():.2e}")
         for mode, ref_unet, our_unet in modes:
             fns = {"diffusers": lambda: ref_unet(x, t, encoder_hidden_states=ctx).sample,
@@ -144,7 +147,8 @@ def main():
     p.add_argument("--image", action="store_true", help="also time whole images (all steps + VAE decode)")
     p.add_argument("--image-full-on-cpu", action="store_true", help="whole full-size images on CPU too (slow)")
     p.add_argument("--steps", type=int, default=50, help="steps per image (default 50)")
-    p.add_argument("--checkpoint", default=None, help="real SD v1.5 single-file weights for the full config")
+    p.add_argument("--checkpoint", default=os.environ.get(CHECKPOINT_ENV),
+                   help=f"real SD v1.5 single-file weights for the full config (default: ${CHECKPOINT_ENV} if set)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
