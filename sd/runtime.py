@@ -4,6 +4,7 @@ The notebooks' set-up cell calls `detect_runtime()` once; `sd.course.load_course
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,9 @@ SLICING_BELOW_GIB = 8.0        # attention slicing and VAE tiling: smaller atten
 OFFLOAD_BELOW_GIB = 6.0        # model CPU offload: the text encoder, UNet and VAE visit the GPU in turn
 
 SAVERS = ("vae_slicing", "attention_slicing", "vae_tiling", "model_cpu_offload")
+# Set to float32, float16 or bfloat16 to override the choice (e.g. float32 on a GPU to rule out precision issues).
+DTYPE_ENV = "SD_DTYPE"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,16 @@ def savers_for(gib: float) -> tuple[str, ...]:
 
 
 def detect_runtime(device: str | torch.device | None = None) -> Runtime:
-    """CUDA when available (float16 or bfloat16, savers by memory), else the CPU in float32."""
+    """CUDA when available (float16 or bfloat16, savers by memory), else the CPU in float32; $SD_DTYPE overrides
+    the number format."""
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
                                                                           else "cpu")
+    forced = os.environ.get(DTYPE_ENV)
+    if forced is not None and forced not in DTYPES:
+        raise ValueError(f"${DTYPE_ENV} must be one of {', '.join(DTYPES)}, got {forced!r}")
     if device.type != "cuda":
-        return Runtime(device, torch.float32)
+        return Runtime(device, DTYPES[forced] if forced else torch.float32)
     props = torch.cuda.get_device_properties(device)
     gib = props.total_memory / 2**30
     dtype = torch.bfloat16 if props.major >= BF16_MIN_CAPABILITY else torch.float16
-    return Runtime(device, dtype, savers_for(gib), props.name, gib)
+    return Runtime(device, DTYPES[forced] if forced else dtype, savers_for(gib), props.name, gib)

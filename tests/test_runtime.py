@@ -56,3 +56,14 @@ def test_apply_switches_the_savers_on():
     assert attentions and all(m.slice_size == 1 for m in attentions)
     assert pipe.vae_tiling
     assert not pipe.cpu_offload
+
+
+def test_dtype_can_be_forced_and_a_bad_value_says_what_is_expected(monkeypatch):
+    fake_gpu(monkeypatch, "Tesla T4", 7, 5, 14.7)
+    monkeypatch.setenv("SD_DTYPE", "float32")
+    assert detect_runtime("cuda").dtype == torch.float32
+    monkeypatch.setenv("SD_DTYPE", "bfloat16")
+    assert detect_runtime("cpu").dtype == torch.bfloat16
+    monkeypatch.setenv("SD_DTYPE", "fp16")
+    with pytest.raises(ValueError, match=r"\$SD_DTYPE must be one of float32, float16, bfloat16, got 'fp16'"):
+        detect_runtime("cpu")
