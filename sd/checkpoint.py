@@ -19,6 +19,7 @@ from .config import CLIPConfig, UNetConfig, VAEConfig
 from .decoder import VAE_Decoder
 from .encoder import VAE_Encoder
 from .unet import DiffusionUNET
+from .validation import resolve_device
 
 # Entries of a CompVis file that are not model weights: the noise schedule and training state.
 IGNORED_PREFIXES = ("model_ema.", "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus",
@@ -267,10 +268,6 @@ def _diffusers_configs(folder: Path) -> dict:
 
 # --- the public entry point ----------------------------------------------------------------------------------------
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_checkpoint(source=None, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """Load SD v1.x weights into this package: a .safetensors/.ckpt file, a diffusers folder, a Hugging Face Hub
     id ("stable-diffusion-v1-5/stable-diffusion-v1-5", downloaded once into the Hub cache) or a state dict.
@@ -284,7 +281,7 @@ def load_checkpoint(source=None, device: str | torch.device | None = None, dtype
         if not DEFAULT_MODEL.is_file():
             raise ValueError(NO_CHECKPOINT_HELP)
         source = DEFAULT_MODEL
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if hub.looks_like_repo_id(source):
         source = hub.fetch(source, fp16=dtype != torch.float32)   # half-size files for float16 and bfloat16

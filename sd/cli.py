@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .runtime import DTYPES, detect_runtime
 from .samplers import SAMPLERS
 
 
@@ -56,6 +57,9 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="image.png", metavar="FILE",
                    help="where to save the PNG; several images get _0, _1, ... (default image.png)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="number format of the text encoder and UNet (default: float16 on a T4, bfloat16 on newer "
+                        "GPUs, float32 on a CPU); the VAE always decodes in float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
+    """The checkpoint on the device, number format and memory savers this machine calls for (sd/runtime.py)."""
     from .checkpoint import load_checkpoint
-    return load_checkpoint(args.checkpoint, device=args.device)
+    runtime = detect_runtime(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else runtime.dtype
+    return runtime.apply(load_checkpoint(args.checkpoint, device=runtime.device, dtype=dtype))
 
 
 def _save(images, out: str) -> list[Path]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import resolve_device
+
 # bfloat16 needs Ampere or newer (compute capability 8.0: A100, L4, H100, RTX 30xx); older GPUs (T4 is 7.5, V100
 # 7.0) emulate it slowly, so they get float16. Both halve the memory and the download of the weights.
 BF16_MIN_CAPABILITY = 8
@@ -59,8 +61,7 @@ def savers_for(gib: float) -> tuple[str, ...]:
 def detect_runtime(device: str | torch.device | None = None) -> Runtime:
     """CUDA when available (float16 or bfloat16, savers by memory), else the CPU in float32; $SD_DTYPE overrides
     the number format."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                          else "cpu")
+    device = resolve_device(device)
     forced = os.environ.get(DTYPE_ENV)
     if forced is not None and forced not in DTYPES:
         raise ValueError(f"${DTYPE_ENV} must be one of {', '.join(DTYPES)}, got {forced!r}")

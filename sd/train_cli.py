@@ -10,6 +10,7 @@ import json
 import time
 
 from .cli import positive_float, positive_int
+from .validation import resolve_device
 
 STAGE_CHOICES = ("vae", "text", "unet", "all")
 # The command that made the shipped model (README); `python -m sd train all` with no options repeats it.
@@ -80,6 +81,7 @@ def run_train(args) -> int:
         torch.set_num_threads(args.threads)
     minutes = args.minutes if (args.minutes or args.steps) else DEFAULT_MINUTES
     stages = STAGES if args.stage == "all" else (args.stage,)
+    resolve_device(args.device)   # a bad --device says so before the dataset is drawn
     dataset = make_dataset(args.image_size, args.dataset_size, args.seed)
     summary, start = {}, time.time()
     for stage in stages:

@@ -59,6 +59,9 @@ def test_same_seed_gives_the_same_file(checkpoint, tmp_path):
     (["img2img", "missing.png", "x", "--steps", "1"], "cannot read the input image missing.png"),
     (["img2img", "IN", "x", "--strength", "1.5"], "strength must be in (0, 1]"),
     (["generate", "x", "--checkpoint", "nowhere.safetensors"], "no checkpoint at nowhere.safetensors"),
+    (["generate", "x", "--device", "gpu"], "device must be cpu, cuda, cuda:N or mps, got 'gpu'"),
+    (["generate", "x", "--device", "cuda:99"], "device 'cuda:99': "),
+    (["generate", "x", "--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
 ])
 def test_bad_arguments_exit_2_with_one_clear_line(checkpoint, tmp_path, capsys, args, message):
     src = tmp_path / "in.png"
@@ -81,3 +84,11 @@ def test_help_explains_each_option(capsys):
     text = capsys.readouterr().out
     for option in ("--checkpoint", "--steps", "--sampler", "--cfg", "--seed", "--size", "--out", "--negative"):
         assert option in text
+
+
+@pytest.mark.parametrize("args", [["train", "vae", "--minutes", "0.01"], ["evaluate"]])
+def test_train_and_evaluate_reject_a_device_this_machine_lacks(args, tmp_path, capsys):
+    bad = "cuda:99" if torch.cuda.is_available() else "cuda"
+    assert main(args + ["--device", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"device '{bad}'" in err, err

@@ -15,6 +15,8 @@ GIB = 2**30
 def fake_gpu(monkeypatch, name: str, major: int, minor: int, gib: float):
     props = SimpleNamespace(name=name, major=major, minor=minor, total_memory=int(gib * GIB))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
 
 def test_cpu_runs_in_float32_without_savers():

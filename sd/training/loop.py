@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..validation import resolve_device
+
 # Training-state entries in a stage checkpoint, beside the model weights.
 METADATA_KEY = "sd_training"
 WARMUP_STEPS = 50                  # linear learning-rate warmup (Goyal et al. 2017)
@@ -80,7 +82,7 @@ def device_of(model: nn.Module) -> torch.device:
 def pick_device(device: str | None, rank: int = 0) -> torch.device:
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    return resolve_device(device)
 
 
 def batch_indices(n: int, global_batch: int, step: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
