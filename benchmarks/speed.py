@@ -20,6 +20,7 @@ import torch
 
 import sd
 from sd.checkpoint import build_models, convert_diffusers
+from sd.compile import default_compile_kwargs
 from sd.course import CHECKPOINT_ENV
 from sd.pipeline import StableDiffusion
 from tests.reference import diffusers_unet, diffusers_vae, randomize, transformers_clip
@@ -108,7 +109,8 @@ def bench(name, args, device, dtype):
     flop = FLOP_PER_GUIDED_STEP_512 * (latent / 64) ** 2 if name == "full" else None
     modes = [("eager", ref.unet, ours.unet)]
     if args.compile:
-        modes.append(("compiled", torch.compile(ref.unet), torch.compile(ours.unet)))
+        options = default_compile_kwargs(device)    # the same for both: freezing on a CPU (sd/compile.py)
+        modes.append(("compiled", torch.compile(ref.unet, **options), torch.compile(ours.unet, **options)))
     with torch.no_grad():
         weights = args.checkpoint if name == "full" and args.checkpoint else "random, same in both"
         print(f"# {name}: weights {weights}; max |sd - diffusers| of one UNet step: "
@@ -124,7 +126,7 @@ def bench(name, args, device, dtype):
     noise = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
     for mode, compiled in [("eager", False)] + ([("compiled", True)] if args.compile else []):
         if compiled:
-            ref.unet = torch.compile(ref.unet)
+            ref.unet = torch.compile(ref.unet, **default_compile_kwargs(device))
             ours.compile_unet()
         fns = {"diffusers": lambda: ref(PROMPT, height=size, width=size, num_inference_steps=steps,
                                         latents=noise.to(device, dtype), output_type="pt").images,

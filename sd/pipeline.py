@@ -67,9 +67,10 @@ class StableDiffusion:
         return self
 
     def compile_unet(self, **compile_kwargs) -> "StableDiffusion":
-        """torch.compile the UNet; falls back to eager (with a warning) where compilation is not available."""
-        from .compile import compile_or_eager
-        self.unet = compile_or_eager(self.unet, **compile_kwargs)
+        """torch.compile the UNet (on a CPU with weight freezing, see sd/compile.py; other `torch.compile`
+        arguments replace that default); falls back to eager (with a warning) where compilation is not available."""
+        from .compile import compile_or_eager, default_compile_kwargs
+        self.unet = compile_or_eager(self.unet, **(compile_kwargs or default_compile_kwargs(self.device)))
         return self
 
     @contextmanager

@@ -93,3 +93,11 @@ def test_compiled_unet_is_one_graph_compiled_once_for_all_steps(pipe):
     torch._dynamo.reset()
     assert len(graphs) == 1, f"the UNet was compiled {len(graphs)} times for 4 steps"
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_compile_freezes_weights_on_cpu_unless_told_otherwise(pipe, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: seen.append(kwargs) or module)
+    pipe.compile_unet()
+    pipe.compile_unet(mode="max-autotune")
+    assert seen == [{"options": {"freezing": True}}, {"mode": "max-autotune"}]
