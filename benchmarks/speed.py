@@ -20,7 +20,7 @@ import torch
 
 import sd
 from sd.checkpoint import build_models, convert_diffusers
-from sd.compile import default_compile_kwargs
+from sd.compile import compile_or_eager, default_compile_kwargs
 from sd.course import CHECKPOINT_ENV
 from sd.pipeline import StableDiffusion
 from tests.reference import diffusers_unet, diffusers_vae, randomize, transformers_clip
@@ -110,7 +110,7 @@ def bench(name, args, device, dtype):
     modes = [("eager", ref.unet, ours.unet)]
     if args.compile:
         options = default_compile_kwargs(device)    # the same for both: freezing on a CPU (sd/compile.py)
-        modes.append(("compiled", torch.compile(ref.unet, **options), torch.compile(ours.unet, **options)))
+        modes.append(("compiled", compile_or_eager(ref.unet, **options), compile_or_eager(ours.unet, **options)))
     with torch.no_grad():
         weights = args.checkpoint if name == "full" and args.checkpoint else "random, same in both"
         print(f"# {name}: weights {weights}; max |sd - diffusers| of one UNet step: "
@@ -119,6 +119,8 @@ def bench(name, args, device, dtype):
             fns = {"diffusers": lambda: ref_unet(x, t, encoder_hidden_states=ctx).sample,
                    "sd": lambda: our_unet(x, ctx, t)}
             time_calls(fns, 2, device)                     # warm-up (and compilation)
+            if any(getattr(unet, "_failed", False) for unet in (ref_unet, our_unet)):
+                print(f"# {name} {mode}: compilation failed, these figures are eager")
             report(f"{name} {mode} UNet step, latent {latent}", *time_calls(fns, repeats, device), flop)
     if not args.image or (name == "full" and device.type == "cpu" and not args.image_full_on_cpu):
         return
@@ -126,7 +128,7 @@ def bench(name, args, device, dtype):
     noise = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
     for mode, compiled in [("eager", False)] + ([("compiled", True)] if args.compile else []):
         if compiled:
-            ref.unet = torch.compile(ref.unet, **default_compile_kwargs(device))
+            ref.unet = compile_or_eager(ref.unet, **default_compile_kwargs(device))
             ours.compile_unet()
         fns = {"diffusers": lambda: ref(PROMPT, height=size, width=size, num_inference_steps=steps,
                                         latents=noise.to(device, dtype), output_type="pt").images,

@@ -96,8 +96,20 @@ def test_compiled_unet_is_one_graph_compiled_once_for_all_steps(pipe):
 
 
 def test_compile_freezes_weights_on_cpu_unless_told_otherwise(pipe, monkeypatch):
+    import torch._inductor.config as inductor_config
     seen = []
-    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: seen.append(kwargs) or module)
+
+    def fake_compile(module, **kwargs):
+        def run(*args):
+            seen.append((kwargs, inductor_config.freezing))
+            return module(*args)
+        return run
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    eager = pipe.unet
     pipe.compile_unet()
+    pipe.generate("a cat", **{**KW, "num_inference_steps": 1})
+    assert seen[-1] == ({}, True)                    # freezing in force while the compiled UNet runs
+    pipe.unet = eager
     pipe.compile_unet(mode="max-autotune")
-    assert seen == [{"options": {"freezing": True}}, {"mode": "max-autotune"}]
+    pipe.generate("a cat", **{**KW, "num_inference_steps": 1})
+    assert seen[-1] == ({"mode": "max-autotune"}, False)
