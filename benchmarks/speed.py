@@ -20,7 +20,7 @@ import torch
 
 import sd
 from sd.checkpoint import build_models, convert_diffusers
-from sd.compile import compile_or_eager, default_compile_kwargs
+from sd.compile import compile_or_eager, default_compile_kwargs, inductor_settings
 from sd.course import CHECKPOINT_ENV
 from sd.pipeline import StableDiffusion
 from tests.reference import diffusers_unet, diffusers_vae, randomize, transformers_clip
@@ -127,11 +127,16 @@ def bench(name, args, device, dtype):
     size, steps = latent * 8, args.steps
     noise = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
     for mode, compiled in [("eager", False)] + ([("compiled", True)] if args.compile else []):
+        settings = default_compile_kwargs(device).get("inductor_config") if compiled else None
         if compiled:
-            ref.unet = compile_or_eager(ref.unet, **default_compile_kwargs(device))
+            ref.unet = torch.compile(ref.unet)      # diffusers' pipeline wants its own module type here
             ours.compile_unet()
-        fns = {"diffusers": lambda: ref(PROMPT, height=size, width=size, num_inference_steps=steps,
-                                        latents=noise.to(device, dtype), output_type="pt").images,
+
+        def run_diffusers():
+            with inductor_settings(settings):       # what compile_unet() does for ours (freezing on a CPU)
+                return ref(PROMPT, height=size, width=size, num_inference_steps=steps,
+                           latents=noise.to(device, dtype), output_type="pt").images
+        fns = {"diffusers": run_diffusers,
                "sd": lambda: ours.generate(PROMPT, height=size, width=size, num_inference_steps=steps,
                                            latents=noise, output_type="pt", progress=False)}
         time_calls(fns, 1, device)

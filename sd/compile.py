@@ -46,10 +46,15 @@ class CompiledOrEager(nn.Module):
         return self.module(*args, **kwargs)
 
     def _config(self):
-        if not self._inductor_config:
-            return contextlib.nullcontext()
-        import torch._inductor.config as inductor_config
-        return inductor_config.patch(self._inductor_config)
+        return inductor_settings(self._inductor_config)
+
+
+def inductor_settings(values: dict | None):
+    """A context in which torch._inductor.config holds `values` (nothing to do when empty)."""
+    if not values:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+    return inductor_config.patch(values)
 
 
 def compile_or_eager(module: nn.Module, **compile_kwargs) -> nn.Module:
