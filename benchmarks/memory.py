@@ -1,7 +1,7 @@
 """Peak GPU memory of SD v1.5 at 512 x 512 in float16, this package against diffusers (not a test).
 
-    python -m benchmarks.memory            # estimate, on any machine (no GPU, no weights, a few seconds)
-    python -m benchmarks.speed --device cuda --image   # measured on a GPU: its "peak" column
+    python -m benchmarks.memory             # estimate, on any machine (no GPU, no weights, about 20 s)
+    python -m benchmarks.memory --measure   # on a GPU: also measured, with real generate() calls
 
 Without a GPU the figures are estimated: the full-size models are built of fake tensors (shapes and dtypes, no
 data: torch's FakeTensorMode) and each stage of `generate` (the text encoder on the prompts, one guided UNet
@@ -155,30 +155,83 @@ def total(parts: dict, offload: bool) -> int:
     return sum(w.values()) + max(parts["text"], parts["unet"], parts["decode"])
 
 
-def main():
+# (images at once, memory savers): the issue's two targets, and what each saver buys
+RUNS = [(1, ()), (1, ("attention_slicing",)), (1, ("model_cpu_offload",)), (8, ()), (8, ("vae_slicing",))]
+
+
+def label(library: str, savers: tuple[str, ...]) -> str:
+    return f"{library} " + ("+ " + ", ".join(savers) if savers else "(defaults)")
+
+
+def verdict(batch: int, peak: int) -> str:
+    return f"<= {TARGETS_GB[batch]:.0f} GB " + ("ok" if peak <= TARGETS_GB[batch] * GB else "OVER")
+
+
+def estimate(dtype) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    args = p.parse_args()
-    dtype = getattr(torch, args.dtype)
-    print(f"# estimated peak GPU memory (max_memory_allocated), SD v1.5 at 512x512, {args.dtype}, "
-          f"fake tensors, torch {torch.__version__}")
     print(f"# {'images':>6s}  {'implementation, options':44s} {'weights':>8s} {'text':>7s} {'unet':>7s} "
           f"{'decode':>7s} {'peak':>7s}  target")
-    runs = [(1, ()), (1, ("attention_slicing",)), (1, ("model_cpu_offload",)), (8, ()), (8, ("vae_slicing",))]
     with FakeTensorMode(allow_non_fake_inputs=True):
-        for batch, savers in runs:
-            rows = [("sd " + ("+ " + ", ".join(savers) if savers else "(defaults)"), ours(batch, dtype, savers))]
+        for batch, savers in RUNS:
+            rows = [(label("sd", savers), ours(batch, dtype, savers))]
             if "model_cpu_offload" not in savers and "attention_slicing" not in savers:
-                rows.append(("diffusers " + ("+ " + ", ".join(savers) if savers else "(defaults)"),
-                             diffusers(batch, dtype, savers)))
-            for label, parts in rows:
+                rows.append((label("diffusers", savers), diffusers(batch, dtype, savers)))
+            for name, parts in rows:
                 peak = total(parts, "model_cpu_offload" in savers)
-                ok = "ok" if peak <= TARGETS_GB[batch] * GB else "OVER"
                 weights = sum(parts["weights"].values())
-                print(f"  {batch:6d}  {label:44s} {weights / GB:8.2f} " + " ".join(
+                print(f"  {batch:6d}  {name:44s} {weights / GB:8.2f} " + " ".join(
                       f"{parts[k] / GB:7.2f}" for k in ("text", "unet", "decode")) +
-                      f" {peak / GB:7.2f}  <= {TARGETS_GB[batch]:.0f} GB {ok}", flush=True)
+                      f" {peak / GB:7.2f}  {verdict(batch, peak)}", flush=True)
+
+
+def measured_peak(run, resident: int) -> int:
+    """`resident` bytes of weights on the GPU + the most `run()` allocated on top of what was there."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return resident + torch.cuda.max_memory_allocated() - before
+
+
+def measure(dtype) -> None:
+    """The same runs as real generate() calls (2 steps: the peak is per step) on random full-size weights."""
+    from benchmarks.speed import PROMPT, build
+    ref, ours = build("full", torch.device("cuda"), dtype, None)
+    kw = dict(height=8 * LATENT, width=8 * LATENT, num_inference_steps=2, output_type="pt")
+    print(f"# measured on {torch.cuda.get_device_name()}:")
+    print(f"# {'images':>6s}  {'implementation, options':44s} {'peak':>7s}  target")
+    for batch, savers in RUNS:
+        for saver in savers:
+            getattr(ours, f"enable_{saver}")()
+        resident = 0 if "model_cpu_offload" in savers else weight_bytes(*ours.models().values())
+        peak = measured_peak(lambda: ours.generate(PROMPT, num_images=batch, progress=False, **kw), resident)
+        print(f"  {batch:6d}  {label('sd', savers):44s} {peak / GB:7.2f}  {verdict(batch, peak)}", flush=True)
+        ours.enable_attention_slicing(None).enable_vae_slicing(False).enable_model_cpu_offload(False)
+        if "model_cpu_offload" in savers or "attention_slicing" in savers:
+            continue
+        if "vae_slicing" in savers:
+            ref.vae.enable_slicing()
+        resident = weight_bytes(ref.unet, ref.vae, ref.text_encoder)
+        peak = measured_peak(lambda: ref(PROMPT, num_images_per_prompt=batch, **kw), resident)
+        print(f"  {batch:6d}  {label('diffusers', savers):44s} {peak / GB:7.2f}  {verdict(batch, peak)}", flush=True)
+        ref.vae.disable_slicing()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--measure", action="store_true",
+                   help="on a CUDA GPU, also measure the same runs with real generate() calls")
+    args = p.parse_args()
+    if args.measure and not torch.cuda.is_available():
+        p.error("--measure needs a CUDA GPU; without one, the estimate alone is printed (drop --measure)")
+    dtype = getattr(torch, args.dtype)
+    print(f"# peak GPU memory (max_memory_allocated), SD v1.5 at 512x512, {args.dtype}, torch {torch.__version__}")
+    print("# estimated with fake tensors:")
+    estimate(dtype)
+    if args.measure:
+        measure(dtype)
 
 
 if __name__ == "__main__":
