@@ -108,6 +108,16 @@ def weight_bytes(*models) -> int:
     return sum(t.untyped_storage().nbytes() for m in models for t in list(m.parameters()) + list(m.buffers()))
 
 
+def guided_inputs(batch: int, dtype):
+    """What one guided step of `batch` images sees: 2 x batch latents (uncond + cond), timesteps, CLIP's output,
+    token ids (all made here: fake tensors cannot cross devices)."""
+    x = torch.randn(2 * batch, 4, LATENT, LATENT, device=FAKE_DEVICE, dtype=dtype)      # (2B, 4, 64, 64)
+    t = torch.full((2 * batch,), 981, device=FAKE_DEVICE)     # (2B,): the first of 50 DDIM steps
+    context = torch.randn(2 * batch, TOKENS, sd.CLIPConfig().width, device=FAKE_DEVICE, dtype=dtype)  # (2B, 77, 768)
+    ids = torch.zeros(2 * batch, TOKENS, dtype=torch.long, device=FAKE_DEVICE)          # (2B, 77)
+    return x, t, context, ids
+
+
 def ours(batch: int, dtype, savers: tuple[str, ...]) -> dict[str, int]:
     unet_cfg, vae_cfg, clip_cfg = sd.UNetConfig(), sd.VAEConfig(), sd.CLIPConfig()
     # as sd.load_checkpoint places them: the VAE in float32
@@ -118,10 +128,7 @@ def ours(batch: int, dtype, savers: tuple[str, ...]) -> dict[str, int]:
                            tokenizer=sd.CLIPTokenizer(), device=FAKE_DEVICE, dtype=dtype)
     for saver in savers:
         getattr(pipe, f"enable_{saver}")()
-    x = torch.randn(2 * batch, 4, LATENT, LATENT, device=FAKE_DEVICE, dtype=dtype)
-    t = torch.full((2 * batch,), 981, device=FAKE_DEVICE)
-    context = torch.randn(2 * batch, TOKENS, unet_cfg.context_dim, device=FAKE_DEVICE, dtype=dtype)
-    ids = torch.zeros(2 * batch, TOKENS, dtype=torch.long, device=FAKE_DEVICE)   # (fake tensors cannot cross devices)
+    x, t, context, ids = guided_inputs(batch, dtype)
     pipe.clip._check_tokens = lambda tokens: None     # it reads the ids' values, and fake tensors hold none
     return {"weights": {name: weight_bytes(m) for name, m in pipe.models().items()},
             "text": stage_peak(lambda: pipe.clip(ids).to(dtype)),
@@ -136,10 +143,7 @@ def diffusers(batch: int, dtype, savers: tuple[str, ...]) -> dict[str, int]:
     clip = fake_weights(lambda: transformers_clip(sd.CLIPConfig()), dtype)
     if "vae_slicing" in savers:
         vae.enable_slicing()
-    x = torch.randn(2 * batch, 4, LATENT, LATENT, device=FAKE_DEVICE, dtype=dtype)
-    t = torch.full((2 * batch,), 981, device=FAKE_DEVICE)
-    context = torch.randn(2 * batch, TOKENS, 768, device=FAKE_DEVICE, dtype=dtype)
-    ids = torch.zeros(2 * batch, TOKENS, dtype=torch.long, device=FAKE_DEVICE)
+    x, t, context, ids = guided_inputs(batch, dtype)
     return {"weights": {"unet": weight_bytes(unet), "decoder": weight_bytes(vae), "clip": weight_bytes(clip)},
             "text": stage_peak(lambda: clip(ids)),
             "unet": stage_peak(lambda: unet(x, t, encoder_hidden_states=context)),
@@ -159,6 +163,11 @@ def total(parts: dict, offload: bool) -> int:
 RUNS = [(1, ()), (1, ("attention_slicing",)), (1, ("model_cpu_offload",)), (8, ()), (8, ("vae_slicing",))]
 
 
+def in_diffusers_too(savers: tuple[str, ...]) -> bool:
+    """Runs compared with diffusers: its attention slicing swaps in another attention, and offload needs accelerate."""
+    return set(savers) <= {"vae_slicing"}
+
+
 def label(library: str, savers: tuple[str, ...]) -> str:
     return f"{library} " + ("+ " + ", ".join(savers) if savers else "(defaults)")
 
@@ -174,7 +183,7 @@ def estimate(dtype) -> None:
     with FakeTensorMode(allow_non_fake_inputs=True):
         for batch, savers in RUNS:
             rows = [(label("sd", savers), ours(batch, dtype, savers))]
-            if "model_cpu_offload" not in savers and "attention_slicing" not in savers:
+            if in_diffusers_too(savers):
                 rows.append((label("diffusers", savers), diffusers(batch, dtype, savers)))
             for name, parts in rows:
                 peak = total(parts, "model_cpu_offload" in savers)
@@ -208,7 +217,7 @@ def measure(dtype) -> None:
         peak = measured_peak(lambda: ours.generate(PROMPT, num_images=batch, progress=False, **kw), resident)
         print(f"  {batch:6d}  {label('sd', savers):44s} {peak / GB:7.2f}  {verdict(batch, peak)}", flush=True)
         ours.enable_attention_slicing(None).enable_vae_slicing(False).enable_model_cpu_offload(False)
-        if "model_cpu_offload" in savers or "attention_slicing" in savers:
+        if not in_diffusers_too(savers):
             continue
         if "vae_slicing" in savers:
             ref.vae.enable_slicing()

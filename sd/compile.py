@@ -37,16 +37,13 @@ class CompiledOrEager(nn.Module):
     def forward(self, *args, **kwargs):
         if not self._failed:
             try:
-                with self._config():
+                with inductor_settings(self._inductor_config):
                     return self._compiled(*args, **kwargs)
             except Exception as e:  # compilation problems surface at the first call
                 self._failed = True
                 warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                               "running the UNet eagerly")
         return self.module(*args, **kwargs)
-
-    def _config(self):
-        return inductor_settings(self._inductor_config)
 
 
 def inductor_settings(values: dict | None):

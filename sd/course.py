@@ -22,13 +22,16 @@ def load_course_model(device: str | torch.device | None = None, allow_download: 
     device = runtime.device
     if allow_download is None:
         allow_download = device.type == "cuda"
+    def load(source=None):
+        return runtime.apply(load_checkpoint(source, device=device, dtype=runtime.dtype))
+
     path = os.environ.get(CHECKPOINT_ENV)
     if path:
         print(f"Using the SD v1.x checkpoint at ${CHECKPOINT_ENV} = {path}.")
-        return runtime.apply(load_checkpoint(path, device=device, dtype=runtime.dtype))
+        return load(path)
     if allow_download:
         try:
-            pipe = runtime.apply(load_checkpoint(SD15_REPO, device=device, dtype=runtime.dtype))
+            pipe = load(SD15_REPO)
             print(f"Using real Stable Diffusion v1.5 weights ({SD15_REPO}) on {device} in {runtime.dtype}.")
             return pipe
         except ValueError as e:
@@ -36,7 +39,7 @@ def load_course_model(device: str | torch.device | None = None, allow_download: 
     if DEFAULT_MODEL.is_file():
         print("Using the project's own small model, trained on the shapes dataset (no SD v1.5 weights here; "
               f"set ${CHECKPOINT_ENV} to a checkpoint to use them).")
-        return load_checkpoint(device=device, dtype=runtime.dtype)
+        return load()
     print("No trained model is available (neither SD v1.5 weights nor the project's small model): "
           "the figures that need one are skipped or drawn with untrained weights.")
     return None

@@ -19,7 +19,6 @@ BF16_MIN_CAPABILITY = 8
 SLICING_BELOW_GIB = 8.0        # attention slicing and VAE tiling: smaller attention and decoder activations
 OFFLOAD_BELOW_GIB = 6.0        # model CPU offload: the text encoder, UNet and VAE visit the GPU in turn
 
-SAVERS = ("vae_slicing", "attention_slicing", "vae_tiling", "model_cpu_offload")
 # Set to float32, float16 or bfloat16 to override the choice (e.g. float32 on a GPU to rule out precision issues).
 DTYPE_ENV = "SD_DTYPE"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,21 +1,11 @@
 """sd.course: which model the notebooks get, in order ($SD_CHECKPOINT, SD v1.5 from the Hub, the shipped small
 model), and the untrained stand-in when there is none."""
-import pytest
 import torch
 
 import sd
 import sd.checkpoint
 from sd.checkpoint import save_checkpoint
 from sd.course import CHECKPOINT_ENV, SD15_REPO, load_course_model, untrained_model
-
-
-@pytest.fixture()
-def offline_hub(tmp_path, monkeypatch):
-    import huggingface_hub.constants as c
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
 
 
 def test_environment_variable_checkpoint_comes_first(tmp_path, monkeypatch, offline_hub, capsys):

@@ -21,14 +21,9 @@ def _write_hub_cache(cache, repo_id, ref, tokenizer):
     (repo / "refs" / "main").write_text(commit)
 
 
-def test_hub_id_loads_from_the_local_cache_offline(tmp_path, monkeypatch):
+def test_hub_id_loads_from_the_local_cache_offline(offline_hub):
     ref, ours = reference_and_ours(seed=9)
-    _write_hub_cache(tmp_path, "someone/tiny-sd", ref, sd.CLIPTokenizer())
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as c
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    _write_hub_cache(offline_hub, "someone/tiny-sd", ref, sd.CLIPTokenizer())
     pipe = sd.load_checkpoint("someone/tiny-sd", device="cpu")
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 128)
     with torch.no_grad():
@@ -36,11 +31,7 @@ def test_hub_id_loads_from_the_local_cache_offline(tmp_path, monkeypatch):
     assert pipe.tokenizer("a cat").shape == (1, 77)
 
 
-def test_hub_id_offline_without_cache_fails_at_once_with_what_to_do(tmp_path, monkeypatch):
-    import huggingface_hub.constants as c
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_id_offline_without_cache_fails_at_once_with_what_to_do(offline_hub):
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"could not get 'stable-diffusion-v1-5/stable-diffusion-v1-5'.*"
                                          r"Place a checkpoint by hand.*sd\.load_checkpoint\(path\)") as e:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from ..bpe import Pair, Word, bpe, learn_merges, merge_pair, word_to_symbols
 from ..clip import QUICK_GELU_SCALE, CLIPEmbedding, CLIPLayer, quick_gelu
-from .common import Case, Mistake, check_function, check_module, qualified_name, randn, seeded
+from .common import (Case, Mistake, check_function, check_module, qualified_name, randn, require_callable,
+                     seeded)
 
 # More rank look-ups than any correct encoding of the check's words needs: the loop forgot to stop.
 MAX_RANK_LOOKUPS = 10_000
@@ -59,8 +60,7 @@ class _Ranks(Mapping):
 def _check_words(check_name: str, fn: Callable, reference: Callable, cases: Sequence[Case],
                  mistakes: Sequence[Mistake] = (), hint: str = "", reference_name: str | None = None) -> bool:
     """check_function for functions that return a word (a tuple of symbols); one pass line or AssertionError."""
-    if not callable(fn):
-        raise AssertionError(f"{check_name} expects a function, got {type(fn).__name__} {fn!r}"[:200])
+    require_callable(check_name, fn)
     ref_name = reference_name or qualified_name(reference)
     hint_line = f"\n  Hint: {hint}" if hint else ""
     for i, case in enumerate(cases):

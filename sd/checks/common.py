@@ -104,7 +104,7 @@ def check_function(check_name: str, fn: Callable, reference: Callable, cases: Se
                    mistakes: Sequence[Mistake] = (), hint: str = "", reference_name: str | None = None,
                    atol: float = ATOL, rtol: float = RTOL) -> bool:
     """Compare fn(*case) with reference(*case) on every case; print one pass line or raise AssertionError."""
-    _check_callable(check_name, fn, "a function")
+    require_callable(check_name, fn, "a function")
     runs = ((case, (lambda c: c.call(fn)), reference) for case in cases)
     return _run(check_name, reference_name or qualified_name(reference), runs, len(cases), mistakes, hint,
                 atol, rtol)
@@ -114,7 +114,7 @@ def check_module(check_name: str, cls: type, reference_cls: type, cases: Sequenc
                  mistakes: Sequence[Mistake] = (), hint: str = "", reference_name: str | None = None,
                  atol: float = ATOL, rtol: float = RTOL) -> bool:
     """Build cls(**case.init) and reference_cls(**case.init), copy the weights, compare forward on every case."""
-    _check_callable(check_name, cls, "a class (the nn.Module itself, not an instance)")
+    require_callable(check_name, cls, "a class (the nn.Module itself, not an instance)")
 
     def runs():
         for i, case in enumerate(cases):
@@ -289,7 +289,8 @@ def _hint_line(hint: str | None) -> str:
     return f"\n  Hint: {hint}" if hint else ""
 
 
-def _check_callable(check_name: str, obj: Any, what: str) -> None:
+def require_callable(check_name: str, obj: Any, what: str = "a function") -> None:
+    """AssertionError unless `obj` can be called (and is a class, when `what` asks for one)."""
     if not callable(obj):
         raise AssertionError(f"{check_name} expects {what}, got {_kind(obj)}")
     if what.startswith("a class") and not isinstance(obj, type):

@@ -11,7 +11,7 @@ import torch
 
 from ..diffusion import DiffusionScheduler
 from ..samplers import MIN_DDPM_VARIANCE, DDIMSampler, ddim_step, ddpm_step, leading_timesteps, predict_x0
-from .common import Case, Mistake, check_function, randn, seeded
+from .common import Case, Mistake, check_function, randn, require_callable, seeded
 
 # SD v1's schedule: the alpha_bar_t the cases below take their values from.
 _ALPHAS_CUMPROD = DiffusionScheduler().alphas_cumprod
@@ -298,8 +298,7 @@ def _structure_problem(fn) -> str | None:
 
 def check_classifier_free_guidance(fn) -> bool:
     """Exercise 6.4: fn(unet, x, t, context, uncond_context, guidance_scale) -> guided eps, one UNet pass."""
-    if not callable(fn):
-        raise AssertionError(f"check_classifier_free_guidance expects a function, got {type(fn).__name__}")
+    require_callable("check_classifier_free_guidance", fn)
     problem = _structure_problem(fn)
     if problem is not None:
         raise AssertionError(f"check_classifier_free_guidance failed: {problem}")

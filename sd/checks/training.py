@@ -20,7 +20,7 @@ from ..config import LATENT_SCALE
 from ..diffusion import DiffusionScheduler
 from ..training.unet import CAPTION_DROPOUT, diffusion_loss, drop_captions
 from ..timestep_embedding import timestep_embedding
-from .common import ATOL, RTOL, Case, Mistake, randn, seeded
+from .common import ATOL, RTOL, Case, Mistake, randn, require_callable, seeded
 
 # The checks call the learner's loss with a small stand-in for the UNet (see _NoisePredictor); its weights are
 # the same in every call, so gradients can be compared.
@@ -158,8 +158,7 @@ def _same_number(a: torch.Tensor, b: torch.Tensor) -> bool:
 def check_unet_training_loss(fn) -> bool:
     """Exercise 8.1: fn(unet, latents, context, alphas_cumprod, latent_scale, generator) -> SD's training loss."""
     name = "check_unet_training_loss"
-    if not callable(fn):
-        raise AssertionError(f"{name} expects a function, got {type(fn).__name__} {fn!r}"[:200])
+    require_callable(name, fn)
 
     def wrong(**how):
         return lambda ref, c: _loss_and_grads(lambda *a: _wrong_loss(*a, **how), c)[0]
@@ -292,8 +291,7 @@ def _caption_cases() -> list[Case]:
 def check_drop_captions(fn) -> bool:
     """Exercise 8.2: fn(captions, generator, p) -> the captions, each replaced by "" with probability p."""
     name = "check_drop_captions"
-    if not callable(fn):
-        raise AssertionError(f"{name} expects a function, got {type(fn).__name__} {fn!r}"[:200])
+    require_callable(name, fn)
     hint = ("one uniform number per caption, drop = torch.rand(len(captions), generator=generator) < p; "
             "return a new list with \"\" where drop is True and the caption where it is False")
     mistakes = [
