@@ -19,8 +19,8 @@ import time
 import torch
 
 import sd
-from sd.checkpoint import build_models, convert_diffusers
-from sd.compile import compile_or_eager, default_compile_kwargs, inductor_settings
+from sd.io.checkpoint import build_models, convert_diffusers
+from sd.runtime.compile import compile_or_eager, default_compile_kwargs, inductor_settings
 from sd.course import CHECKPOINT_ENV
 from sd.pipeline import StableDiffusion
 from tests.reference import diffusers_unet, diffusers_vae, randomize, transformers_clip
@@ -77,7 +77,7 @@ def build(name: str, device, dtype, checkpoint: str | None):
     cfgs = (sd.UNetConfig.tiny(), sd.VAEConfig.tiny(), sd.CLIPConfig.tiny()) if tiny else \
         (sd.UNetConfig(), sd.VAEConfig(), sd.CLIPConfig())
     if checkpoint:
-        from sd.checkpoint_io import read_tensors, unwrap_state_dict
+        from sd.io.safe_read import read_tensors, unwrap_state_dict
         from tests.reference import diffusers_from_single_file
         ref = diffusers_from_single_file(unwrap_state_dict(read_tensors(checkpoint)[0]), *cfgs)
     else:
@@ -109,7 +109,7 @@ def bench(name, args, device, dtype):
     flop = FLOP_PER_GUIDED_STEP_512 * (latent / 64) ** 2 if name == "full" else None
     modes = [("eager", ref.unet, ours.unet)]
     if args.compile:
-        options = default_compile_kwargs(device)    # the same for both: freezing on a CPU (sd/compile.py)
+        options = default_compile_kwargs(device)    # the same for both: freezing on a CPU (sd/runtime/compile.py)
         modes.append(("compiled", compile_or_eager(ref.unet, **options), compile_or_eager(ours.unet, **options)))
     with torch.no_grad():
         weights = args.checkpoint if name == "full" and args.checkpoint else "random, same in both"

@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from sd.train_cli import main as sd_main
+    from sd.cli.train import main as sd_main
     start = time.time()
     train_args = ["train", "all", "--minutes", str(args.minutes), "--out", args.out, "--seed", str(args.seed),
                   "--quiet"]
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     train_minutes = (time.time() - start) / 60
 
     import sd
-    from sd.evaluate import evaluate_model, format_report
+    from sd.training.evaluation import evaluate_model, format_report
     from sd.training import read_stage
     print(f"\n== training, budget {args.minutes:g} min, device "
           f"{args.device or ('cuda' if torch.cuda.is_available() else 'cpu')}, {torch.get_num_threads()} threads ==")

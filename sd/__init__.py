@@ -1,6 +1,6 @@
 """Stable Diffusion v1.x from scratch: readable PyTorch that gives the reference numbers on real weights."""
 from .attention import SelfAttention
-from .checkpoint import load_checkpoint, save_checkpoint
+from .io.checkpoint import load_checkpoint, save_checkpoint
 from .clip import CLIP
 from .config import CLIP_MAX_TOKENS, LATENT_SCALE, CLIPConfig, UNetConfig, VAEConfig
 from .cross_attention import CrossAttention

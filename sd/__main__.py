@@ -1,4 +1,4 @@
-"""`python -m sd ...`: see sd/cli.py."""
+"""`python -m sd ...`: see sd/cli/."""
 import sys
 
 from .cli import main

@@ -49,7 +49,7 @@ class StableDiffusion:
         return self
 
     def enable_vae_tiling(self, on: bool = True) -> "StableDiffusion":
-        """Decode large latents in overlapping 512-pixel tiles (see sd/vae_tiling.py)."""
+        """Decode large latents in overlapping 512-pixel tiles (see sd/runtime/vae_tiling.py)."""
         self.vae_tiling = on
         return self
 
@@ -67,9 +67,9 @@ class StableDiffusion:
         return self
 
     def compile_unet(self, **compile_kwargs) -> "StableDiffusion":
-        """torch.compile the UNet (on a CPU with weight freezing, see sd/compile.py; other `torch.compile`
+        """torch.compile the UNet (on a CPU with weight freezing, see sd/runtime/compile.py; other `torch.compile`
         arguments replace that default); falls back to eager (with a warning) where compilation is not available."""
-        from .compile import compile_or_eager, default_compile_kwargs
+        from .runtime.compile import compile_or_eager, default_compile_kwargs
         self.unet = compile_or_eager(self.unet, **(compile_kwargs or default_compile_kwargs(self.device)))
         return self
 
@@ -124,7 +124,7 @@ class StableDiffusion:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1]; decoded in float32 (the fp16 VAE can overflow to NaN)."""
-        from .vae_tiling import decode_tiled
+        from .runtime.vae_tiling import decode_tiled
         latents = latents.to(device=self.device, dtype=next(self.decoder.parameters()).dtype)
         decode = (lambda z: decode_tiled(self.decoder, z)) if self.vae_tiling else self.decoder
         with self._on_device(self.decoder):

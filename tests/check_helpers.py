@@ -1,4 +1,4 @@
-"""Shared by the tests of `sd.checks`: assert a check rejects a wrong implementation and names the mistake."""
+"""Shared by the tests of `sd.course.checks`: assert a check rejects a wrong implementation and names the mistake."""
 import pytest
 
 

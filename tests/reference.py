@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import sd
-from sd.checkpoint import build_models, convert_diffusers
+from sd.io.checkpoint import build_models, convert_diffusers
 
 
 def diffusers_unet(cfg: sd.UNetConfig):

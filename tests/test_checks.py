@@ -15,9 +15,9 @@ from torch import nn
 
 import sd
 from sd.attention import explicit_attention
-from sd.checks import (check_causal_attention, check_cross_attention, check_scaled_dot_product_attention,
+from sd.course.checks import (check_causal_attention, check_cross_attention, check_scaled_dot_product_attention,
                        check_self_attention, check_softmax, pick, try_check)
-from sd.checks.common import copy_weights
+from sd.course.checks.common import copy_weights
 from tests.check_helpers import rejects
 
 

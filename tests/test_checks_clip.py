@@ -15,7 +15,7 @@ from torch import nn
 import sd
 from sd.attention import SelfAttention
 from sd.bpe import bpe, get_pairs, merge_pair
-from sd.checks import (check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_quick_gelu,
+from sd.course.checks import (check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_quick_gelu,
                        pick)
 from sd.clip import CLIPEmbedding, CLIPLayer, quick_gelu
 from tests.check_helpers import rejects

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd.checks import check_add_noise, check_schedule, pick
+from sd.course.checks import check_add_noise, check_schedule, pick
 from sd.diffusion import DiffusionScheduler
 from tests.check_helpers import rejects
 
@@ -107,8 +107,8 @@ def test_diffusion_checks_pass_the_reference_with_one_line(capsys):
     assert check_add_noise(reference_add_noise) is True
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("✅ check_schedule passed: matches sd.checks.diffusion.reference_schedule")
-    assert lines[1].startswith("✅ check_add_noise passed: matches sd.checks.diffusion.reference_add_noise")
+    assert lines[0].startswith("✅ check_schedule passed: matches sd.course.checks.diffusion.reference_schedule")
+    assert lines[1].startswith("✅ check_add_noise passed: matches sd.course.checks.diffusion.reference_add_noise")
 
 
 def test_diffusion_checks_pass_correct_implementations_written_differently():
@@ -160,7 +160,7 @@ def test_check_add_noise_names_the_next_index_on_a_later_input():
 
 
 def test_pick_goes_on_with_the_reference_add_noise(capsys):
-    from sd.checks.diffusion import reference_add_noise as reference
+    from sd.course.checks.diffusion import reference_add_noise as reference
     assert pick(check_add_noise, add_noise_no_reshape, reference=reference) is reference
     out = capsys.readouterr().out
     assert "❌ check_add_noise failed" in out and "using the reference" in out

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd.checks import check_text_to_image, pick
-from sd.checks.pipeline import reference_text_to_image, tiny_pipeline
+from sd.course.checks import check_text_to_image, pick
+from sd.course.checks.pipeline import reference_text_to_image, tiny_pipeline
 from sd.pipeline import StableDiffusion
 
 
@@ -99,4 +99,4 @@ def test_pick_goes_on_with_the_reference_when_the_loop_is_wrong(capsys):
         is reference_text_to_image
     out = capsys.readouterr().out
     assert "❌ check_text_to_image failed" in out
-    assert "using the reference sd.checks.pipeline.reference_text_to_image" in out
+    assert "using the reference sd.course.checks.pipeline.reference_text_to_image" in out

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from sd.checks import (check_classifier_free_guidance, check_ddim_step, check_ddpm_step, check_previous_alpha_bars,
+from sd.course.checks import (check_classifier_free_guidance, check_ddim_step, check_ddpm_step, check_previous_alpha_bars,
                        pick)
-from sd.checks.sampling import ToyUNet, reference_guidance
+from sd.course.checks.sampling import ToyUNet, reference_guidance
 from sd.diffusion import DiffusionScheduler
 from sd.samplers import ddim_step, ddpm_step
 from tests.check_helpers import rejects

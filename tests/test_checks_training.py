@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd.checks import check_drop_captions, check_unet_training_loss, pick
-from sd.checks.training import reference_drop_captions, reference_unet_training_loss
+from sd.course.checks import check_drop_captions, check_unet_training_loss, pick
+from sd.course.checks.training import reference_drop_captions, reference_unet_training_loss
 from tests.check_helpers import rejects
 
 

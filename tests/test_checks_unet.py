@@ -14,7 +14,7 @@ from torch import nn
 
 import sd
 from sd.attention import SelfAttention
-from sd.checks import (check_geglu, check_res_block, check_spatial_transformer, check_timestep_embedding,
+from sd.course.checks import (check_geglu, check_res_block, check_spatial_transformer, check_timestep_embedding,
                        check_transformer_block, check_unet_forward, pick)
 from sd.cross_attention import CrossAttention
 from sd.timestep_embedding import timestep_embedding

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sd
-from sd.checks import (check_reparameterize, check_vae_attention_block, check_vae_decoder, check_vae_downsample,
+from sd.course.checks import (check_reparameterize, check_vae_attention_block, check_vae_decoder, check_vae_downsample,
                        check_vae_encoder, check_vae_residual_block, pick)
 from sd.vae_blocks import Upsample, VAE_AttentionBlock, VAE_Downsample, VAE_ResidualBlock
 from tests.check_helpers import rejects
@@ -98,7 +98,7 @@ class ResidualBlockConvFirst(ResidualBlock):
 def test_vae_checks_pass_the_reference_with_one_line_each(capsys):
     assert check_vae_residual_block(VAE_ResidualBlock) is True
     assert check_vae_attention_block(VAE_AttentionBlock) is True
-    assert check_reparameterize(sd.checks.vae.reparameterize) is True
+    assert check_reparameterize(sd.course.checks.vae.reparameterize) is True
     assert check_vae_downsample(VAE_Downsample) is True
     assert check_vae_encoder(sd.VAE_Encoder) is True
     assert check_vae_decoder(sd.VAE_Decoder) is True
@@ -445,6 +445,6 @@ def test_the_reference_sampler_is_the_encoders_own():
     with torch.no_grad():
         mean, logvar = encoder.posterior(image)
         expected = encoder(image, noise)
-    torch.testing.assert_close(sd.checks.vae.reparameterize(mean, logvar, noise), expected)
+    torch.testing.assert_close(sd.course.checks.vae.reparameterize(mean, logvar, noise), expected)
     torch.testing.assert_close(sample(mean, logvar, noise), expected)
     assert math.isclose(encoder.config.scaling_factor, 0.18215)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import sd
-from sd.checkpoint import save_checkpoint
+from sd.io.checkpoint import save_checkpoint
 from sd.cli import main
 
 

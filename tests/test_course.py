@@ -3,9 +3,9 @@ model), and the untrained stand-in when there is none."""
 import torch
 
 import sd
-import sd.checkpoint
-from sd.checkpoint import save_checkpoint
-from sd.course import CHECKPOINT_ENV, SD15_REPO, load_course_model, untrained_model
+import sd.io.checkpoint
+from sd.io.checkpoint import save_checkpoint
+from sd.course.models import CHECKPOINT_ENV, SD15_REPO, load_course_model, untrained_model
 
 
 def test_environment_variable_checkpoint_comes_first(tmp_path, monkeypatch, offline_hub, capsys):
@@ -29,7 +29,7 @@ def test_unreachable_hub_falls_back_to_the_shipped_model_with_a_message(offline_
 
 
 def test_no_model_at_all_returns_none(offline_hub, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(sd.checkpoint, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
+    monkeypatch.setattr(sd.io.checkpoint, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
     assert load_course_model("cpu") is None
     assert "No trained model is available" in capsys.readouterr().out
 

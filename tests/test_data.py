@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sd.data import (COLORS, HELD_OUT, PALETTE, SHAPES, Attributes, ShapesDataset, all_combinations, caption_for,
+from sd.training.data import (COLORS, HELD_OUT, PALETTE, SHAPES, Attributes, ShapesDataset, all_combinations, caption_for,
                      draw, show_grid, training_combinations)
 
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import sd
-from sd.checkpoint import DEFAULT_MODEL
-from sd.data import COLORS, HELD_OUT, PALETTE, training_combinations
-from sd.evaluate import CLASSIFIER_MIN_ACCURACY, classifier_accuracy, generate, load_classifier, prompt_accuracy
+from sd.io.checkpoint import DEFAULT_MODEL
+from sd.training.data import COLORS, HELD_OUT, PALETTE, training_combinations
+from sd.training.evaluation import CLASSIFIER_MIN_ACCURACY, classifier_accuracy, generate, load_classifier, prompt_accuracy
 
 # A broken model gets about 1/90 of these right (1 in 3 shapes x 6 colors x 5 backgrounds); the shipped one
 # measured >= 0.9 on the full prompt set (README), so 0.7 on this small sample leaves room for chance.

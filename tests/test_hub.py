@@ -41,7 +41,7 @@ def test_hub_id_offline_without_cache_fails_at_once_with_what_to_do(offline_hub)
 
 
 def test_paths_are_not_mistaken_for_hub_ids(tmp_path):
-    from sd.hub import looks_like_repo_id
+    from sd.io.hub import looks_like_repo_id
     assert looks_like_repo_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert not looks_like_repo_id("models/v1-5.safetensors")
     assert not looks_like_repo_id(str(tmp_path))

@@ -48,7 +48,7 @@ def test_models_in_half_precision_match_float32(device, dtype, size):
 
 
 def test_pipeline_decodes_in_float32_even_when_the_rest_is_half(tmp_path):
-    from sd.checkpoint import save_checkpoint
+    from sd.io.checkpoint import save_checkpoint
     torch.manual_seed(0)
     path = save_checkpoint(tmp_path / "m.safetensors", sd.CLIP(sd.CLIPConfig.tiny()),
                            sd.VAE_Encoder(sd.VAEConfig.tiny()), sd.VAE_Decoder(sd.VAEConfig.tiny()),

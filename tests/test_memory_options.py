@@ -6,7 +6,7 @@ import torch
 
 import sd
 from sd.pipeline import StableDiffusion
-from sd.vae_tiling import decode_tiled
+from sd.runtime.vae_tiling import decode_tiled
 from tests.reference import reference_and_ours
 
 KW = dict(height=64, width=64, num_inference_steps=3, seed=0, output_type="pt", progress=False)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sd
-from sd.data import ShapesDataset
+from sd.training.data import ShapesDataset
 from sd.diffusion import DiffusionScheduler
 from sd.training import (STAGES, TrainOptions, batch_indices, contrastive_loss, diffusion_loss, drop_captions,
                          read_stage, train_stage)
@@ -54,7 +54,7 @@ def test_trained_model_loads_with_load_checkpoint_and_generates(trained):
     model = sd.load_checkpoint(out / "model.safetensors", device="cpu")
     assert model.unet.config.sample_size == IMAGE_SIZE // model.encoder.config.downsample_factor
     assert model.tokenizer.decode(model.tokenizer.encode("a red circle")) == "a red circle"
-    from sd.evaluate import generate
+    from sd.training.evaluation import generate
     images = generate(model, ["a red circle on a blue background"], num_inference_steps=2)
     assert images.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(images).all()
 
@@ -166,7 +166,7 @@ def _free_port() -> int:
 def test_two_process_data_parallel_training_ends_with_identical_weights(tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU): DDP averages gradients, so both ranks hold the same weights."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "sd.train_cli", "train", "vae", "--preset", "tiny", "--image-size", str(IMAGE_SIZE),
+           "-m", "sd.cli.train", "train", "vae", "--preset", "tiny", "--image-size", str(IMAGE_SIZE),
            "--dataset-size", "64", "--steps", "3", "--batch-size", "8", "--device", "cpu", "--threads", "1",
            "--out", str(tmp_path), "--save-all-ranks", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

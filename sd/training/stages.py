@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import ShapesDataset
+from .data import ShapesDataset
 from .loop import TrainOptions, pick_device, rank_and_world
 from .presets import get_preset
 from .text import load_text_encoder, train_text_encoder

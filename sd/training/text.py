@@ -17,7 +17,7 @@ from torch import nn
 
 from ..clip import CLIP
 from ..config import CLIPConfig
-from ..data import ShapesDataset
+from .data import ShapesDataset
 from ..tokenizer import CLIPTokenizer, learn_bpe_merges
 from .loop import TrainOptions, batch_indices, device_of, rank_and_world, read_stage, train_loop
 
@@ -122,7 +122,7 @@ def train_text_encoder(dataset: ShapesDataset, clip_config: CLIPConfig, image_wi
 def retrieval_accuracy(pair: ContrastivePair, tokenizer: CLIPTokenizer, dataset: ShapesDataset,
                        n: int = 512) -> float:
     """Fraction of images whose nearest short caption ('a red circle on a blue background') is the true one."""
-    from ..data import COLORS, SHAPES, all_combinations, caption_for
+    from .data import COLORS, SHAPES, all_combinations, caption_for
     combos = all_combinations()
     device = device_of(pair)
     text = F.normalize(pair.text_embedding(tokenizer([caption_for(*c) for c in combos]).to(device)), dim=-1)

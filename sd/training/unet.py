@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import save_checkpoint
+from ..io.checkpoint import save_checkpoint
 from ..clip import CLIP
 from ..config import UNetConfig
-from ..data import ShapesDataset
+from .data import ShapesDataset
 from ..decoder import VAE_Decoder
 from ..diffusion import DiffusionScheduler
 from ..encoder import VAE_Encoder

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
-from ..data import ShapesDataset
+from .data import ShapesDataset
 from ..decoder import VAE_Decoder
 from ..encoder import VAE_Encoder
 from .loop import TrainOptions, batch_indices, device_of, rank_and_world, read_stage, train_loop

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, DiffusionScheduler
+from ...diffusion import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, DiffusionScheduler
 from .common import Case, Mistake, check_function, randn, seeded
 
 # DDPM's own schedule (Ho et al. 2020, sec. 4): linear betas from 1e-4 to 0.02; a second schedule for the checks.

@@ -12,10 +12,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..config import LATENT_SCALE, VAEConfig
-from ..decoder import VAE_Decoder
-from ..encoder import LOGVAR_MAX, LOGVAR_MIN, VAE_Encoder
-from ..vae_blocks import VAE_NORM_EPS, VAE_AttentionBlock, VAE_Downsample, VAE_ResidualBlock
+from ...config import LATENT_SCALE, VAEConfig
+from ...decoder import VAE_Decoder
+from ...encoder import LOGVAR_MAX, LOGVAR_MIN, VAE_Encoder
+from ...vae_blocks import VAE_NORM_EPS, VAE_AttentionBlock, VAE_Downsample, VAE_ResidualBlock
 from .common import Case, Mistake, check_function, check_module, randn, seeded
 
 # PyTorch's default GroupNorm epsilon: what nn.GroupNorm(groups, channels) uses when eps is not given.

@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from ..attention import SelfAttention, explicit_attention
-from ..cross_attention import CrossAttention
+from ...attention import SelfAttention, explicit_attention
+from ...cross_attention import CrossAttention
 from .common import Case, Mistake, check_function, check_module, randn, seeded
 
 # ----------------------------------------------------------------------------------------------------------

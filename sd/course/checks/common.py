@@ -1,6 +1,6 @@
 """Shared machinery of the exercise checks: run the learner's code and the reference on the same inputs, compare.
 
-Every check in `sd.checks` follows one pattern:
+Every check in `sd.course.checks` follows one pattern:
 
 1. build a few random inputs (`Case`s) under a fixed seed, so a check always sees the same numbers;
 2. for a module, build the reference `sd` module and the learner's with the same constructor arguments and
@@ -12,9 +12,9 @@ Every check in `sd.checks` follows one pattern:
 4. on success print ONE line, "✅ check_x passed: matches sd.y on N random inputs (max diff ...)",
    and return True.
 
-Adding a topic (`sd/checks/vae.py`, say) takes one function per exercise:
+Adding a topic (`sd/course/checks/vae.py`, say) takes one function per exercise:
 
-    from ..vae_blocks import VAE_ResidualBlock
+    from ...vae_blocks import VAE_ResidualBlock
     from .common import Case, Mistake, check_module, randn, seeded
 
     def check_vae_residual_block(cls) -> bool:
@@ -25,7 +25,7 @@ Adding a topic (`sd/checks/vae.py`, say) takes one function per exercise:
                             lambda ref, case: ref.conv2(...))]
         return check_module("check_vae_residual_block", cls, VAE_ResidualBlock, cases, mistakes)
 
-then re-export it in `sd/checks/__init__.py`, and prove in `tests/test_checks_<topic>.py` that the reference
+then re-export it in `sd/course/checks/__init__.py`, and prove in `tests/test_checks_<topic>.py` that the reference
 passes and that wrong implementations are rejected with the mistake named.
 
 In a notebook, `pick(check, impl, reference=...)` runs a check and returns the implementation to go on with:

@@ -12,10 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import UNetConfig
-from ..timestep_embedding import MAX_PERIOD, timestep_embedding
-from ..unet import DiffusionUNET
-from ..unet_blocks import GEGLU, ResBlock, SpatialTransformer, TransformerBlock
+from ...config import UNetConfig
+from ...timestep_embedding import MAX_PERIOD, timestep_embedding
+from ...unet import DiffusionUNET
+from ...unet_blocks import GEGLU, ResBlock, SpatialTransformer, TransformerBlock
 from .common import Case, Mistake, check_function, check_module, randn, seeded
 
 # cos(t f) at t = 999 in float32: frequencies computed as 10000 ** (-i / half) instead of exp(-ln(10000) i / half)

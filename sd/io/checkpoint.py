@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint_keys as keys
+from . import keys
 from . import hub
-from .checkpoint_io import read_tensors, unwrap_state_dict
-from .clip import CLIP
-from .config import CLIPConfig, UNetConfig, VAEConfig
-from .decoder import VAE_Decoder
-from .encoder import VAE_Encoder
-from .unet import DiffusionUNET
-from .validation import resolve_device
+from .safe_read import read_tensors, unwrap_state_dict
+from ..clip import CLIP
+from ..config import CLIPConfig, UNetConfig, VAEConfig
+from ..decoder import VAE_Decoder
+from ..encoder import VAE_Encoder
+from ..unet import DiffusionUNET
+from ..validation import resolve_device
 
 # Entries of a CompVis file that are not model weights: the noise schedule and training state.
 IGNORED_PREFIXES = ("model_ema.", "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus",
@@ -275,8 +275,8 @@ def load_checkpoint(source=None, device: str | torch.device | None = None, dtype
 
     device: default CUDA when available, else CPU. dtype: default float16 on CUDA, float32 on CPU.
     """
-    from .pipeline import StableDiffusion
-    from .tokenizer import CLIPTokenizer
+    from ..pipeline import StableDiffusion
+    from ..tokenizer import CLIPTokenizer
     if source is None:
         if not DEFAULT_MODEL.is_file():
             raise ValueError(NO_CHECKPOINT_HELP)
@@ -295,7 +295,7 @@ def load_checkpoint(source=None, device: str | torch.device | None = None, dtype
 
 
 # The project's own small model, trained on the shapes dataset (`python -m sd train all`), shipped in the package.
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "default_model.safetensors"
+DEFAULT_MODEL = Path(__file__).parent.parent / "assets" / "default_model.safetensors"
 
 
 def save_checkpoint(path: str | Path, clip: nn.Module, encoder: nn.Module, decoder: nn.Module, unet: nn.Module,
@@ -305,7 +305,7 @@ def save_checkpoint(path: str | Path, clip: nn.Module, encoder: nn.Module, decod
     Keys are `clip.*`, `vae.encoder.*` / `vae.decoder.*` (plus `vae.quant_conv`, `vae.post_quant_conv`), `unet.*`;
     a tokenizer, if given, goes to the folder `<name>_tokenizer/` beside the file.
     """
-    from .checkpoint_io import save_safetensors
+    from .safe_read import save_safetensors
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"clip.{k}": v for k, v in clip.state_dict().items()}

@@ -1,6 +1,6 @@
 """`python -m sd train <stage>` and `python -m sd evaluate`: the training and evaluation commands.
 
-`register(subparsers)` adds both to the main command line (sd/cli.py); each sets `run` to its handler.
+`register(subparsers)` adds both to the main command line (sd/cli/); each sets `run` to its handler.
 Data-parallel: `torchrun --nproc_per_node 2 -m sd train all ...` (any torchrun launch works the same).
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ import argparse
 import json
 import time
 
-from .cli import positive_float, positive_int
-from .validation import resolve_device
+from . import positive_float, positive_int
+from ..validation import resolve_device
 
 STAGE_CHOICES = ("vae", "text", "unet", "all")
 # The command that made the shipped model (README); `python -m sd train all` with no options repeats it.
@@ -75,8 +75,8 @@ def run_train(args) -> int:
     """Handler of `train`: one stage or all, with a step and/or time budget."""
     import torch
 
-    from .training import STAGES, TrainOptions, make_dataset, train_stage
-    from .training.stages import BUDGET_SHARE
+    from ..training import STAGES, TrainOptions, make_dataset, train_stage
+    from ..training.stages import BUDGET_SHARE
     if args.threads:
         torch.set_num_threads(args.threads)
     minutes = args.minutes if (args.minutes or args.steps) else DEFAULT_MINUTES
@@ -107,7 +107,7 @@ def run_train(args) -> int:
 
 def run_evaluate(args) -> int:
     """Handler of `evaluate`: prompt accuracy with and without guidance, and the VAE's PSNR."""
-    from .evaluate import DEFAULT_GUIDANCE, evaluate_model, format_report
+    from ..training.evaluation import DEFAULT_GUIDANCE, evaluate_model, format_report
     import sd
     model = sd.load_checkpoint(args.checkpoint, device=args.device, dtype=None)
     report = evaluate_model(model, num_inference_steps=args.steps,
@@ -118,8 +118,8 @@ def run_evaluate(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry, `python -m sd.train_cli train ...` (the same as `python -m sd train ...`)."""
-    parser = argparse.ArgumentParser(prog="python -m sd.train_cli")
+    """Stand-alone entry, `python -m sd.cli.train train ...` (the same as `python -m sd train ...`)."""
+    parser = argparse.ArgumentParser(prog="python -m sd.cli.train")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.run(args)

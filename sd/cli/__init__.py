@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .runtime import DTYPES, detect_runtime
-from .samplers import SAMPLERS
+from ..runtime.device import DTYPES, detect_runtime
+from ..samplers import SAMPLERS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resize the input to this square size (default: keep the input's size)")
 
     try:
-        from .train_cli import register
+        from .train import register
     except ImportError:
         register = None
     if register is not None:
@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    """The checkpoint on the device, number format and memory savers this machine calls for (sd/runtime.py)."""
-    from .checkpoint import load_checkpoint
+    """The checkpoint on the device, number format and memory savers this machine calls for (sd/runtime/device.py)."""
+    from ..io.checkpoint import load_checkpoint
     runtime = detect_runtime(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else runtime.dtype
     return runtime.apply(load_checkpoint(args.checkpoint, device=runtime.device, dtype=dtype))

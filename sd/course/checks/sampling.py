@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import DiffusionScheduler
-from ..samplers import MIN_DDPM_VARIANCE, DDIMSampler, ddim_step, ddpm_step, leading_timesteps, predict_x0
+from ...diffusion import DiffusionScheduler
+from ...samplers import MIN_DDPM_VARIANCE, DDIMSampler, ddim_step, ddpm_step, leading_timesteps, predict_x0
 from .common import Case, Mistake, check_function, randn, require_callable, seeded
 
 # SD v1's schedule: the alpha_bar_t the cases below take their values from.

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import COLORS, HELD_OUT, SHAPES, ShapesDataset, caption_for, training_combinations
-from .diffusion import DiffusionScheduler
+from ..diffusion import DiffusionScheduler
 
 DEFAULT_GUIDANCE = 5.0          # guidance scale of the guided run (small models need less than SD's 7.5)
 DEFAULT_STEPS = 25              # DDIM steps
 DEFAULT_PER_PROMPT = 8          # images per prompt
 CLASSIFIER_MIN_ACCURACY = 0.99  # the judge must be this good on real images, or the evaluation stops
-CLASSIFIER_FILE = Path(__file__).parent / "assets" / "attribute_classifier.safetensors"
+CLASSIFIER_FILE = Path(__file__).parent.parent / "assets" / "attribute_classifier.safetensors"
 # Seeds of the classifier's own data, apart from the training data's seed 0.
 CLASSIFIER_TRAIN_SEED, CLASSIFIER_TEST_SEED = 101, 102
 CLASSIFIER_TRAIN_SIZE, CLASSIFIER_TEST_SIZE = 12_000, 2_000
@@ -168,7 +168,7 @@ def prompt_accuracy(model, classifier: AttributeClassifier, guidance_scale: floa
 
 def model_psnr(model, image_size: int | None = None) -> float:
     """The VAE's reconstruction PSNR (dB) on fresh real images."""
-    from .training.vae import vae_psnr
+    from .vae import vae_psnr
     f = model.encoder.config.downsample_factor
     size = image_size or model.unet.config.sample_size * f
     data = ShapesDataset(PSNR_IMAGES, size, seed=CLASSIFIER_TEST_SEED, split="all")

@@ -16,8 +16,8 @@ def load_course_model(device: str | torch.device | None = None, allow_download: 
     Order: $SD_CHECKPOINT (a local SD v1.x file or folder); SD v1.5 from the Hugging Face Hub (cache or download,
     tried on a GPU only: on a CPU it is too slow to be useful in a notebook); the project's small shapes model.
     """
-    from .checkpoint import DEFAULT_MODEL, load_checkpoint
-    from .runtime import detect_runtime
+    from ..io.checkpoint import DEFAULT_MODEL, load_checkpoint
+    from ..runtime.device import detect_runtime
     runtime = detect_runtime(device)   # float16 / bfloat16 and memory savers on a GPU, float32 on a CPU
     device = runtime.device
     if allow_download is None:
@@ -50,9 +50,13 @@ def untrained_model(device: str | torch.device = "cpu", image_size: int = 32, se
     trained model is at hand, so that every cell still runs the same code."""
     import dataclasses
 
-    from . import CLIP, CLIPTokenizer, DiffusionUNET, VAE_Decoder, VAE_Encoder
-    from .pipeline import StableDiffusion
-    from .training.presets import get_preset
+    from .. import CLIP
+    from .. import CLIPTokenizer
+    from .. import DiffusionUNET
+    from .. import VAE_Decoder
+    from .. import VAE_Encoder
+    from ..pipeline import StableDiffusion
+    from ..training.presets import get_preset
     small = get_preset("small")
     unet_config = dataclasses.replace(small.unet, sample_size=image_size // small.vae.downsample_factor)
     with torch.random.fork_rng(devices=[]):

@@ -12,13 +12,13 @@ from typing import Iterator
 
 import torch
 
-from ..clip import CLIP
-from ..config import CLIPConfig, UNetConfig, VAEConfig
-from ..decoder import VAE_Decoder
-from ..encoder import VAE_Encoder
-from ..pipeline import StableDiffusion
-from ..tokenizer import CLIPTokenizer, learn_bpe_merges
-from ..unet import DiffusionUNET
+from ...clip import CLIP
+from ...config import CLIPConfig, UNetConfig, VAEConfig
+from ...decoder import VAE_Decoder
+from ...encoder import VAE_Encoder
+from ...pipeline import StableDiffusion
+from ...tokenizer import CLIPTokenizer, learn_bpe_merges
+from ...unet import DiffusionUNET
 from .common import Case, Mistake, check_function, seeded
 
 # generate() decodes in float32; the same loop written out differs only by float32 rounding (~1e-6).

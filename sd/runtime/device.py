@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import resolve_device
+from ..validation import resolve_device
 
 # bfloat16 needs Ampere or newer (compute capability 8.0: A100, L4, H100, RTX 30xx); older GPUs (T4 is 7.5, V100
 # 7.0) emulate it slowly, so they get float16. Both halve the memory and the download of the weights.

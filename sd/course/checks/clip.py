@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..bpe import Pair, Word, bpe, learn_merges, merge_pair, word_to_symbols
-from ..clip import QUICK_GELU_SCALE, CLIPEmbedding, CLIPLayer, quick_gelu
+from ...bpe import Pair, Word, bpe, learn_merges, merge_pair, word_to_symbols
+from ...clip import QUICK_GELU_SCALE, CLIPEmbedding, CLIPLayer, quick_gelu
 from .common import (Case, Mistake, check_function, check_module, qualified_name, randn, require_callable,
                      seeded)
 

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: safe file reading, key rules, CompVis files, diffusers folders, the Hub."""
