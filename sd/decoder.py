@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import check_image_like
 from .config import VAEConfig
-from .encoder import VAEMidBlock
-from .vae_blocks import Upsample, VAE_ResidualBlock, vae_norm
+from .layers import Upsample
+from .vae_blocks import VAE_ResidualBlock, VAEMidBlock, vae_norm
+from .validation import require_image_like
 
 
 class VAEUpLevel(nn.Module):
@@ -43,7 +43,7 @@ class VAE_Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], config.in_channels, 3, padding=1)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        check_image_like(latent, "latent", self.config.latent_channels, 1, "SD latents")
+        require_image_like(latent, "latent", self.config.latent_channels, 1, "SD latents")
         x = latent / self.config.scaling_factor       # undo the 0.18215 scaling of the encoder
         x = self.conv_in(self.post_quant_conv(x))     # (B, 4, h, w) -> (B, 512, h, w)
         x = self.mid(x)

@@ -5,25 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import check_image_like
 from .config import VAEConfig
-from .vae_blocks import VAE_AttentionBlock, VAE_Downsample, VAE_ResidualBlock, vae_norm
+from .vae_blocks import VAE_Downsample, VAE_ResidualBlock, VAEMidBlock, vae_norm
+from .validation import require_image_like
 
 # Bounds on the posterior's log-variance, from the original `DiagonalGaussianDistribution`.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
-
-
-class VAEMidBlock(nn.Module):
-    """Residual block, single-head attention, residual block: at the lowest resolution (VAE encoder and decoder)."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.res1 = VAE_ResidualBlock(channels, channels, groups)
-        self.attn = VAE_AttentionBlock(channels, groups)
-        self.res2 = VAE_ResidualBlock(channels, channels, groups)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.res2(self.attn(self.res1(x)))
 
 
 class VAEDownLevel(nn.Module):
@@ -60,8 +47,8 @@ class VAE_Encoder(nn.Module):
 
     def posterior(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> mean and log-variance, each (B, 4, H/8, W/8), unscaled."""
-        check_image_like(image, "image", self.config.in_channels, self.config.downsample_factor,
-                         "the VAE downsamples 8x")
+        require_image_like(image, "image", self.config.in_channels, self.config.downsample_factor,
+                           "the VAE downsamples 8x")
         x = self.conv_in(image)
         for level in self.down:
             x = level(x)               # (B, C_i, H, W) -> (B, C_i, H/2, W/2) except at the last level

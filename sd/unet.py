@@ -10,15 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import check_image_like
 from .config import UNetConfig
 from .timestep_embedding import TimeEmbedding, timestep_embedding
+from .layers import Upsample
 from .unet_blocks import RESBLOCK_NORM_EPS, Downsample, ResBlock, SpatialTransformer
-from .vae_blocks import Upsample
+from .validation import require_image_like
 
 
 class UNetLevel(nn.Module):
-    """Residual blocks, each optionally followed by a spatial transformer; then an optional resampler."""
+    """One resolution of the UNet: residual blocks, each followed by a spatial transformer where the level has
+    attention; then an optional resampler. The down and up paths differ only in what happens to the skips."""
 
     def __init__(self, in_channels: list[int], out_ch: int, cfg: UNetConfig, attention: bool,
                  downsample: bool = False, upsample: bool = False):
@@ -29,6 +30,38 @@ class UNetLevel(nn.Module):
             for _ in in_channels) if attention else None
         self.downsample = Downsample(out_ch) if downsample else None
         self.upsample = Upsample(out_ch) if upsample else None
+
+    def block(self, j: int, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Residual block j (it sees the time), then its spatial transformer (it sees the text), if any."""
+        x = self.res[j](x, emb)
+        return x if self.attn is None else self.attn[j](x, context)
+
+
+class UNetDownLevel(UNetLevel):
+    """A level of the down path: every block's output, and the downsampled map, are kept as skips."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                skips: list[torch.Tensor]) -> torch.Tensor:
+        for j in range(len(self.res)):
+            x = self.block(j, x, emb, context)
+            skips.append(x)
+        if self.downsample is not None:
+            x = self.downsample(x)                   # (B, C, h, w) -> (B, C, h/2, w/2)
+            skips.append(x)
+        return x
+
+
+class UNetUpLevel(UNetLevel):
+    """A level of the up path: each block first concatenates the latest skip of the down path."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                skips: list[torch.Tensor]) -> torch.Tensor:
+        for j in range(len(self.res)):
+            x = torch.cat([x, skips.pop()], dim=1)   # (B, C, h, w) + (B, C_skip, h, w) -> (B, C + C_skip, h, w)
+            x = self.block(j, x, emb, context)
+        if self.upsample is not None:
+            x = self.upsample(x)                     # (B, C, h, w) -> (B, C, 2h, 2w)
+        return x
 
 
 class MidBlock(nn.Module):
@@ -58,7 +91,7 @@ class DiffusionUNET(nn.Module):
         self.down = nn.ModuleList()
         for i, out_ch in enumerate(ch):
             in_chs = [ch[max(i - 1, 0)]] + [out_ch] * (n - 1)
-            self.down.append(UNetLevel(in_chs, out_ch, cfg, cfg.attention_levels[i], downsample=i < last))
+            self.down.append(UNetDownLevel(in_chs, out_ch, cfg, cfg.attention_levels[i], downsample=i < last))
             skip_channels += [out_ch] * (n + (i < last))
 
         self.mid = MidBlock(ch[-1], cfg)
@@ -70,7 +103,7 @@ class DiffusionUNET(nn.Module):
             in_chs = []
             for j in range(n + 1):
                 in_chs.append((prev if j == 0 else out_ch) + skip_channels.pop())
-            self.up.append(UNetLevel(in_chs, out_ch, cfg, cfg.attention_levels[last - i], upsample=i < last))
+            self.up.append(UNetUpLevel(in_chs, out_ch, cfg, cfg.attention_levels[last - i], upsample=i < last))
             prev = out_ch
 
         self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=RESBLOCK_NORM_EPS)
@@ -78,8 +111,8 @@ class DiffusionUNET(nn.Module):
 
     def forward(self, latent: torch.Tensor, context: torch.Tensor, timestep) -> torch.Tensor:
         cfg = self.config
-        check_image_like(latent, "latent", cfg.in_channels, cfg.downsample_factor,
-                         "the UNet halves the latent 3 times, i.e. images in multiples of 64 pixels")
+        require_image_like(latent, "latent", cfg.in_channels, cfg.downsample_factor,
+                           "the UNet halves the latent 3 times, i.e. images in multiples of 64 pixels")
         b = latent.shape[0]
         context = self._check_context(context, b)
         t = self._timesteps(timestep, b, latent.device)
@@ -90,25 +123,10 @@ class DiffusionUNET(nn.Module):
         x = self.conv_in(latent)                     # (B, 4, h, w) -> (B, 320, h, w)
         skips = [x]
         for level in self.down:
-            for j, res in enumerate(level.res):
-                x = res(x, emb)
-                if level.attn is not None:
-                    x = level.attn[j](x, context)
-                skips.append(x)
-            if level.downsample is not None:
-                x = level.downsample(x)              # (B, C, h, w) -> (B, C, h/2, w/2)
-                skips.append(x)
-
+            x = level(x, emb, context, skips)        # pushes its skips
         x = self.mid(x, emb, context)
-
         for level in self.up:
-            for j, res in enumerate(level.res):
-                x = torch.cat([x, skips.pop()], dim=1)   # (B, C, h, w) + (B, C_skip, h, w) -> (B, C + C_skip, h, w)
-                x = res(x, emb)
-                if level.attn is not None:
-                    x = level.attn[j](x, context)
-            if level.upsample is not None:
-                x = level.upsample(x)                # (B, C, h, w) -> (B, C, 2h, 2w)
+            x = level(x, emb, context, skips)        # pops one skip per residual block
 
         return self.conv_out(F.silu(self.norm_out(x)))   # (B, 320, h, w) -> (B, 4, h, w)
 

@@ -1,4 +1,6 @@
-"""Building blocks shared by the VAE encoder and decoder: residual block, single-head attention, resampling."""
+"""Building blocks of the VAE encoder and decoder: residual block, single-head attention, downsampling, mid block.
+
+The upsampler, which the UNet uses too, is in sd/layers.py."""
 from __future__ import annotations
 
 import torch
@@ -66,13 +68,14 @@ class VAE_Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour x2, then a 3x3 conv (used by the VAE decoder and the UNet)."""
+class VAEMidBlock(nn.Module):
+    """Residual block, single-head attention, residual block: at the lowest resolution (VAE encoder and decoder)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.res1 = VAE_ResidualBlock(channels, channels, groups)
+        self.attn = VAE_AttentionBlock(channels, groups)
+        self.res2 = VAE_ResidualBlock(channels, channels, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, H, W) -> (B, C, 2H, 2W)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.res2(self.attn(self.res1(x)))

@@ -11,7 +11,7 @@ def nearest_multiples(n: int, m: int) -> str:
     return f"{lo}" if lo == hi or lo == n else f"{lo} or {hi}"
 
 
-def check_image_like(x: torch.Tensor, name: str, channels: int, multiple: int, what: str) -> None:
+def require_image_like(x: torch.Tensor, name: str, channels: int, multiple: int, what: str) -> None:
     """Raise ValueError unless x is (B, channels, H, W) with H and W multiples of `multiple`."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (B, {channels}, H, W), got {type(x).__name__}")

@@ -15,7 +15,8 @@ from torch import nn
 import sd
 from sd.course.checks import (check_reparameterize, check_vae_attention_block, check_vae_decoder, check_vae_downsample,
                        check_vae_encoder, check_vae_residual_block, pick)
-from sd.vae_blocks import Upsample, VAE_AttentionBlock, VAE_Downsample, VAE_ResidualBlock
+from sd.layers import Upsample
+from sd.vae_blocks import VAE_AttentionBlock, VAE_Downsample, VAE_ResidualBlock
 from tests.check_helpers import rejects
 
 
