@@ -9,12 +9,22 @@ import random
 from contextlib import contextmanager
 from typing import Callable
 
-import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from .validation import nearest_multiples
+from .attention import SelfAttention
+from .cross_attention import CrossAttention
 from .diffusion import DiffusionScheduler
+from .images import as_rgb_image, pil_to_tensor, signed_to_unit, to_pil
+from .runtime.compile import compile_or_eager, default_compile_kwargs
+from .runtime.memory import require_memory_for
+from .runtime.vae_tiling import decode_tiled
+from .validation import nearest_multiples, require_finite_tensor, require_int, require_number, require_texts
+
+OUTPUT_TYPES = ("pil", "pt")
+MAX_SEED = 2 ** 64 - 1        # torch.Generator.manual_seed takes 64-bit seeds
+LARGE_GUIDANCE = 30.0         # beyond the guidance scales people use (SD's default is 7.5)
 
 
 class StableDiffusion:
@@ -35,8 +45,6 @@ class StableDiffusion:
     # --- memory and speed options --------------------------------------------------------------------------------
     def enable_attention_slicing(self, slice_size: int | None = 1) -> "StableDiffusion":
         """Compute attention `slice_size` heads at a time (None: all at once). Same result, lower peak memory."""
-        from .attention import SelfAttention
-        from .cross_attention import CrossAttention
         for model in (self.unet, self.clip, self.encoder, self.decoder):
             for m in model.modules():
                 if isinstance(m, (SelfAttention, CrossAttention)):
@@ -69,7 +77,6 @@ class StableDiffusion:
     def compile_unet(self, **compile_kwargs) -> "StableDiffusion":
         """torch.compile the UNet (on a CPU with weight freezing, see sd/runtime/compile.py; other `torch.compile`
         arguments replace that default); falls back to eager (with a warning) where compilation is not available."""
-        from .runtime.compile import compile_or_eager, default_compile_kwargs
         self.unet = compile_or_eager(self.unet, **(compile_kwargs or default_compile_kwargs(self.device)))
         return self
 
@@ -124,96 +131,138 @@ class StableDiffusion:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1]; decoded in float32 (the fp16 VAE can overflow to NaN)."""
-        from .runtime.vae_tiling import decode_tiled
         latents = latents.to(device=self.device, dtype=next(self.decoder.parameters()).dtype)
         decode = (lambda z: decode_tiled(self.decoder, z)) if self.vae_tiling else self.decoder
         with self._on_device(self.decoder):
             chunks = latents.split(1) if self.vae_slicing else [latents]
             image = torch.cat([decode(z).float() for z in chunks])
-        return (image / 2 + 0.5).clamp(0, 1)
-
-    def image_to_tensor(self, image, height: int | None, width: int | None) -> torch.Tensor:
-        """A PIL image or an (H, W, 3) array -> (1, 3, H, W) in [-1, 1], resized to (height, width) if given."""
-        from PIL import Image
-        if isinstance(image, np.ndarray):
-            arr = image
-            if arr.dtype != np.uint8:
-                arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8) if arr.max() <= 1.0 else arr.astype(np.uint8)
-            image = Image.fromarray(arr)
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"init_image must be a PIL image or an (H, W, 3) array, got {type(image).__name__}")
-        image = image.convert("RGB")
-        w, h = image.size
-        target = (width or w, height or h)
-        self._check_size("init_image width" if width is None else "width", target[0])
-        self._check_size("init_image height" if height is None else "height", target[1])
-        if target != (w, h):
-            image = image.resize(target, Image.LANCZOS)
-        arr = np.asarray(image, dtype=np.float32) / 255.0             # (H, W, 3) in [0, 1]
-        return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2 - 1  # (1, 3, H, W) in [-1, 1]
+        return signed_to_unit(image)
 
     # --- one call ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, sampler: str = "ddim", seed: int | None = None,
+                 guidance_scale: float = 7.5, sampler: str = "ddim", seed: int | list[int] | None = None,
                  latents: torch.Tensor | None = None, init_image=None, strength: float = 0.8,
                  num_images: int = 1, eta: float = 0.0, callback: Callable | None = None,
                  progress: bool = True, output_type: str = "pil"):
-        """Text (and optionally an init image) -> a list of PIL images (output_type="pt": a (B, 3, H, W) tensor in [0, 1])."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        """Text (and optionally an init image) -> a list of PIL images (output_type="pt": a (B, 3, H, W) tensor in [0, 1]).
+
+        seed: None (random), one int, or a list of ints, one per image (len(prompts) * num_images of them). With one
+        int, image 0 of a batch equals the single run with that seed and the others follow from the same generator;
+        with a list, image i equals the single run with seed[i] (as diffusers does with a list of generators).
+        init_image: see sd/images.py for the conventions (PIL; (H, W, 3) uint8 in 0..255; float in [0, 1]).
+        """
+        # 1. check every argument before any work
+        prompts = require_texts(prompt, "prompt")
+        negatives = require_texts(negative_prompt, "negative_prompt")
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one each, or one string")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-        if output_type not in ("pil", "pt"):
-            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        if seed is None:
-            seed = random.randrange(2 ** 63)
-        generator = torch.Generator("cpu").manual_seed(seed)
+        num_images = require_int(num_images, "num_images", 1)
+        guidance_scale = require_number(guidance_scale, "guidance_scale", low=0.0)
+        eta = require_number(eta, "eta", low=0.0, high=1.0)
+        strength = require_number(strength, "strength")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable (step, timestep, latents), got {type(callback).__name__}")
+        batch = len(prompts) * num_images
+        generators = self._generators(seed, batch)
 
-        # (P, 77, D) -> (P * num_images, 77, D): each prompt's images side by side
-        context = self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)
-        uncond = self.encode_prompt(negatives).repeat_interleave(num_images, dim=0) if guidance_scale > 1 else None
-        batch = context.shape[0]
-
-        init_latents = None
+        # 2. sizes: the init image's, else the model's native size
+        image = None
         if init_image is not None:
-            image = self.image_to_tensor(init_image, height, width).to(self.device)
+            picture = as_rgb_image(init_image)
+            w, h = picture.size
+            self._check_size("init_image width" if width is None else "width", width or w)
+            self._check_size("init_image height" if height is None else "height", height or h)
+            if (width or w, height or h) != (w, h):
+                picture = picture.resize((width or w, height or h), Image.LANCZOS)
+            image = pil_to_tensor(picture)                                 # (1, 3, H, W) in [-1, 1]
             height, width = image.shape[-2:]
-            enc_dtype = next(self.encoder.parameters()).dtype
-            with self._on_device(self.encoder):
-                mean, _ = self.encoder.posterior(image.to(enc_dtype))
-                # one posterior sample, its noise drawn first from the generator, shared by the batch (as diffusers)
-                enc_noise = torch.randn(mean.shape, generator=generator).to(self.device, enc_dtype)
-                init_latents = self.encoder(image.to(enc_dtype), enc_noise).to(self.dtype).expand(batch, -1, -1, -1)
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
         self._check_size("height", height)
         self._check_size("width", width)
         shape = (batch, self.unet.config.in_channels, height // self.vae_factor, width // self.vae_factor)
         if latents is not None:
+            require_finite_tensor(latents, "latents")
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape} for {batch} images of {height}x{width}, "
                                  f"got {tuple(latents.shape)}")
-            latents = latents.to(self.device, self.dtype)
-        else:
-            latents = torch.randn(shape, generator=generator).to(self.device, self.dtype)
+        require_memory_for(self, batch, height, width)
 
+        # 3. text: (P, 77, D) -> (P * num_images, 77, D), each prompt's images side by side
+        context = self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)
+        uncond = self.encode_prompt(negatives).repeat_interleave(num_images, dim=0) if guidance_scale > 1 else None
+
+        # 4. image to image: one posterior sample per image, its noise drawn first from that image's generator
+        init_latents = None
+        if image is not None:
+            image = image.to(self.device)
+            enc_dtype = next(self.encoder.parameters()).dtype
+            with self._on_device(self.encoder):
+                mean, _ = self.encoder.posterior(image.to(enc_dtype))       # (1, 4, h, w)
+                if shared(generators):     # one posterior sample for the batch, as diffusers draws it
+                    enc_noise = randn_per_image(mean.shape[1:], generators[:1], self.device, enc_dtype)
+                else:                      # one per image, so that image i equals the run with seed[i] alone
+                    enc_noise = randn_per_image(mean.shape[1:], generators, self.device, enc_dtype)
+                    image = image.expand(batch, -1, -1, -1)
+                init_latents = self.encoder(image.to(enc_dtype), enc_noise).to(self.dtype).expand(batch, -1, -1, -1)
+
+        # 5. the starting noise, one draw per image
+        if latents is None:
+            latents = randn_per_image(shape[1:], generators, self.device, self.dtype)
+        latents = latents.to(self.device, self.dtype)
+
+        # 6. denoise, then decode
         with self._on_device(self.unet):
             out = self.scheduler.sample(
                 self.unet, context, shape, num_inference_steps=num_inference_steps, sampler=sampler,
-                uncond_context=uncond, guidance_scale=guidance_scale, eta=eta, generator=generator, latents=latents,
-                init_latents=init_latents, strength=strength, callback=callback, progress=progress)
+                uncond_context=uncond, guidance_scale=guidance_scale, eta=eta, generator=generators[0],
+                latents=latents, init_latents=init_latents, strength=strength, callback=callback, progress=progress)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"the latents became NaN or infinite while sampling: {self._likely_cause(guidance_scale)}")
         images = self.decode(out)                      # (B, 3, H, W) in [0, 1]
+        if not torch.isfinite(images).all():
+            raise FloatingPointError(f"the decoded images are NaN or infinite: {self._likely_cause(guidance_scale)}")
         return images if output_type == "pt" else to_pil(images)
 
+    @staticmethod
+    def _generators(seed, batch: int) -> list[torch.Generator]:
+        """One CPU generator per image for a list of seeds; one shared generator for a single seed (or None)."""
+        if seed is None:
+            seed = random.randrange(MAX_SEED + 1)
+        seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+        if isinstance(seed, (list, tuple)) and len(seeds) != batch:
+            raise ValueError(f"seed: {len(seeds)} seeds for {batch} images; give one per image, or one int")
+        seeds = [require_int(s, "seed", 0, MAX_SEED) for s in seeds]
+        if len(seeds) == 1:
+            return [torch.Generator("cpu").manual_seed(seeds[0])] * batch     # one shared generator
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
-def to_pil(images: torch.Tensor) -> list:
-    """(B, 3, H, W) in [0, 1] -> PIL images, rounded to 8 bits as diffusers does."""
-    from PIL import Image
-    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
+    def _likely_cause(self, guidance_scale: float) -> str:
+        """What most likely made a result non-finite, for the error message."""
+        for name, model in self.models().items():
+            if any(not torch.isfinite(p).all() for p in model.parameters()):
+                return f"the {name} weights contain NaN or infinite values (a damaged checkpoint?)"
+        if guidance_scale > LARGE_GUIDANCE:
+            return f"guidance_scale {guidance_scale:g} is far larger than the usual 1-{LARGE_GUIDANCE:g}"
+        if self.dtype != torch.float32:
+            return f"{self.dtype} overflowed; try dtype=torch.float32"
+        return "the given latents or settings drove the sampler out of range"
+
+
+def shared(generators: list[torch.Generator]) -> bool:
+    """True when every image draws from one generator (a single seed)."""
+    return all(g is generators[0] for g in generators)
+
+
+def randn_per_image(shape: tuple[int, ...], generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+    """(B, *shape) standard normal noise, row i from generators[i]; with one generator shared by all rows, the rows
+    are drawn one after the other from it, which equals one (B, *shape) draw."""
+    if shared(generators):
+        return torch.randn((len(generators), *shape), generator=generators[0]).to(device, dtype)
+    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device, dtype)
