@@ -7,9 +7,10 @@ from torch import nn
 from .attention import SelfAttention
 from .config import CLIPConfig
 
-# LayerNorm epsilon in CLIP (transformers' `layer_norm_eps`, and PyTorch's default).
+# LayerNorm epsilon in CLIP (PyTorch's default too): https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/clip/configuration_clip.py#L55
 CLIP_NORM_EPS = 1e-5
-# Quick-GELU, x * sigmoid(1.702 x): the cheap GELU approximation CLIP was trained with (Hendrycks & Gimpel 2016, sec. 2).
+# Quick-GELU, x * sigmoid(1.702 x): the cheap GELU approximation CLIP was trained with (Hendrycks & Gimpel 2016, sec. 2);
+# https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/activations.py#L123
 QUICK_GELU_SCALE = 1.702
 
 

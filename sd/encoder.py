@@ -9,7 +9,8 @@ from .config import VAEConfig
 from .vae_blocks import VAE_Downsample, VAE_ResidualBlock, VAEMidBlock, vae_norm
 from .validation import require_image_like
 
-# Bounds on the posterior's log-variance, from the original `DiagonalGaussianDistribution`.
+# Bounds on the posterior's log-variance, from `DiagonalGaussianDistribution` (CompVis' and diffusers'):
+# https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/vae.py#L694
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 

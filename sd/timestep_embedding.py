@@ -6,7 +6,8 @@ import math
 import torch
 from torch import nn
 
-# Longest period of the sinusoids, as in the Transformer (Vaswani et al. 2017, sec. 3.5).
+# Longest period of the sinusoids, as in the Transformer (Vaswani et al. 2017, sec. 3.5); diffusers:
+# https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/embeddings.py#L33, with SD's cos-first order (flip_sin_to_cos) at https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/unets/unet_2d_condition.py#L184.
 MAX_PERIOD = 10000
 
 

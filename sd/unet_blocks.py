@@ -8,7 +8,10 @@ from torch import nn
 from .attention import SelfAttention
 from .cross_attention import CrossAttention
 
-# GroupNorm epsilons in SD's UNet (the original `normalization` vs `Normalize` helpers use different values).
+# Normalisation epsilons in SD's UNet: CompVis' `normalization` (residual blocks) and `Normalize` (in front of a
+# spatial transformer) differ. diffusers: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/unets/unet_2d_condition.py#L207 (norm_eps 1e-5),
+# https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_2d.py#L177 (GroupNorm 1e-6), https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/attention.py#L802 (LayerNorm 1e-5),
+# https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/attention.py#L1700 (feed-forward mult 4).
 RESBLOCK_NORM_EPS = 1e-5      # residual blocks and the final norm
 TRANSFORMER_NORM_EPS = 1e-6   # GroupNorm in front of each spatial transformer
 LAYER_NORM_EPS = 1e-5         # LayerNorms inside the transformer blocks

@@ -9,7 +9,8 @@ from torch import nn
 
 from .attention import SelfAttention
 
-# GroupNorm epsilon everywhere in SD's VAE (the original `Normalize` uses eps=1e-6, not PyTorch's 1e-5).
+# GroupNorm epsilon everywhere in SD's VAE (not PyTorch's default 1e-5): CompVis' `Normalize` uses 1e-6, as does
+# diffusers, https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/vae.py#L124 (resnet_eps) and #L147 (conv_norm_out).
 VAE_NORM_EPS = 1e-6
 
 
