@@ -57,6 +57,14 @@ def seeded(seed=42):
     return torch.Generator().manual_seed(seed)
 
 
+def sample_with_trajectory(*args, **kwargs):
+    """DiffusionScheduler().sample(...) and every step's (t, latent before the step, predicted x_0), via the callback."""
+    trajectory = []
+    latents = DiffusionScheduler().sample(*args, **kwargs,
+                                          callback=lambda i, t, x, pred_x0: trajectory.append((t, x, pred_x0)))
+    return latents, trajectory
+
+
 def reference_run(name, n, unet, context, *, uncond=None, guidance=1.0, noise=None, generator=None,
                   eta=0.0, use_karras_sigmas=False, init=None, strength=1.0):
     """What diffusers' StableDiffusion(Img2Img)Pipeline does, written out over the scheduler.
@@ -112,8 +120,8 @@ DETERMINISTIC = [("ddim", False), ("euler", False), ("euler", True), ("dpmpp2m",
 def test_deterministic_samplers_match_diffusers_over_full_run(name, karras, n):
     unet, (context, _) = FakeUNet(), contexts()
     noise = torch.randn(SHAPE, generator=seeded())
-    ours = DiffusionScheduler().sample(unet, context, SHAPE, num_inference_steps=n, sampler=name, latents=noise,
-                                       use_karras_sigmas=karras, progress=False, return_trajectory=True)
+    ours = sample_with_trajectory(unet, context, SHAPE, num_inference_steps=n, sampler=name, latents=noise,
+                                use_karras_sigmas=karras, progress=False)
     assert_same_run(ours, reference_run(name, n, unet, context, noise=noise, use_karras_sigmas=karras))
 
 
@@ -123,17 +131,17 @@ def test_deterministic_samplers_match_diffusers_over_full_run(name, karras, n):
 def test_stochastic_samplers_match_diffusers_with_same_seed(name, eta, n):
     unet, (context, _) = FakeUNet(), contexts()
     # both draw the starting noise and every step's noise from equally seeded generators
-    ours = DiffusionScheduler().sample(unet, context, SHAPE, num_inference_steps=n, sampler=name, eta=eta,
-                                       generator=seeded(), progress=False, return_trajectory=True)
+    ours = sample_with_trajectory(unet, context, SHAPE, num_inference_steps=n, sampler=name, eta=eta,
+                                generator=seeded(), progress=False)
     assert_same_run(ours, reference_run(name, n, unet, context, eta=eta, generator=seeded()))
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_guided_sample_matches_diffusers_hand_loop(name):
     unet, (context, uncond) = FakeUNet(), contexts()
-    ours = DiffusionScheduler().sample(unet, context, SHAPE, num_inference_steps=10, sampler=name,
-                                       uncond_context=uncond, guidance_scale=7.5, generator=seeded(),
-                                       progress=False, return_trajectory=True)
+    ours = sample_with_trajectory(unet, context, SHAPE, num_inference_steps=10, sampler=name,
+                                uncond_context=uncond, guidance_scale=7.5, generator=seeded(),
+                                progress=False)
     # one batched pass per step: (2B, ...) latents, uncond contexts first, t a 0-d tensor
     assert len(unet.calls) == 10
     for x_shape, ctx_shape, t in unet.calls:
@@ -157,9 +165,9 @@ def test_guidance_scale_one_runs_a_single_conditional_pass():
 def test_img2img_start_matches_diffusers(name):
     unet, (context, _) = FakeUNet(), contexts()
     init = torch.randn(SHAPE, generator=seeded(3))
-    ours = DiffusionScheduler().sample(unet, context, SHAPE, num_inference_steps=20, sampler=name,
-                                       init_latents=init, strength=0.6, generator=seeded(),
-                                       progress=False, return_trajectory=True)
+    ours = sample_with_trajectory(unet, context, SHAPE, num_inference_steps=20, sampler=name,
+                                init_latents=init, strength=0.6, generator=seeded(),
+                                progress=False)
     theirs = reference_run(name, 20, unet, context, init=init, strength=0.6, generator=seeded())
     assert len(ours[1]) == 12  # int(20 * 0.6) steps of the 20
     assert_same_run(ours, theirs)
