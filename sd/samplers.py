@@ -176,7 +176,7 @@ def sigma_to_t(sigmas: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor
 
 def noise_levels(sampler: str, alphas_cumprod: torch.Tensor, num_inference_steps: int, *,
                  use_karras_sigmas: bool = False) -> NoiseLevels:
-    """The noise levels `sampler` (one of SAMPLERS) visits in num_inference_steps steps, as diffusers sets them for SD."""
+    """The noise levels `sampler` (one of SAMPLERS) visits in num_inference_steps steps, as diffusers sets them."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     if use_karras_sigmas and sampler != "euler":
@@ -189,7 +189,7 @@ def noise_levels(sampler: str, alphas_cumprod: torch.Tensor, num_inference_steps
     else:
         timesteps = leading_timesteps(n, num_train_timesteps)  # (n,) int64
     # 2. where the last step lands: SD's DDIM on alpha_bar_0 ("set_alpha_to_one": false), the others on x_0 itself
-    final = alphas_cumprod[:1] if sampler == "ddim" else torch.ones(1)
+    final = alphas_cumprod[:1] if sampler == "ddim" else torch.ones(1, dtype=alphas_cumprod.dtype)
     alpha_bars = torch.cat([alphas_cumprod[timesteps], final])  # (n + 1,)
     sigmas = sigma_of(alpha_bars)  # (n + 1,), float32 as in diffusers
     # 3. Karras et al.'s noise levels between the same sigma_max and sigma_min, at fractional timesteps
@@ -246,7 +246,7 @@ def sample_euler(predict_noise: NoisePredictor, x_t: torch.Tensor, levels: Noise
                  progress: bool = False) -> torch.Tensor:
     """Euler's method on Karras et al.'s ODE, Algorithm 1 (no churn); deterministic, the generator is unused."""
     sigmas = levels.sigmas
-    x = x_t * (sigmas[0] ** 2 + 1) ** 0.5  # the unscaled latent (diffusers: noise * init_noise_sigma)
+    x = x_t * (sigmas[0] ** 2 + 1) ** 0.5  # the unscaled latent x_0 + sigma_0 eps
     for i in trange(len(levels.timesteps), disable=not progress, desc="sampling (euler)"):
         t = levels.timesteps[i]
         eps = predict_noise(x / (sigmas[i] ** 2 + 1) ** 0.5, t)  # the UNet was trained on x_t
@@ -262,7 +262,7 @@ def sample_euler_ancestral(predict_noise: NoisePredictor, x_t: torch.Tensor, lev
                            progress: bool = False) -> torch.Tensor:
     """Euler ancestral (k-diffusion, Crowson 2022): an Euler step down to sigma_down, then noise of size sigma_up."""
     sigmas = levels.sigmas
-    x = x_t * (sigmas[0] ** 2 + 1) ** 0.5  # the unscaled latent (diffusers: noise * init_noise_sigma)
+    x = x_t * (sigmas[0] ** 2 + 1) ** 0.5  # the unscaled latent x_0 + sigma_0 eps
     for i in trange(len(levels.timesteps), disable=not progress, desc="sampling (euler_a)"):
         t, sigma = levels.timesteps[i], sigmas[i]
         eps = predict_noise(x / (sigma ** 2 + 1) ** 0.5, t)  # the UNet was trained on x_t
