@@ -9,16 +9,15 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from .samplers import SAMPLERS, make_sampler, randn
+from .samplers import SAMPLERS, SAMPLING_LOOPS, NoiseLevels, StepCallback, noise_levels, q_sample, randn, sigma_of
 
 # SD v1's training schedule, from the original config (v1-inference.yaml: linear_start, linear_end, timesteps):
 # "scaled linear" betas, linear in sqrt(beta).
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 0.00085
 BETA_END = 0.012
-# The shape the seed samples: one 512 x 512 image is a (1, 4, 64, 64) latent.
+# The shape the seed samples when no shape is given: one 512 x 512 image is a (1, 4, 64, 64) latent.
 DEFAULT_LATENT_SHAPE = (1, 4, 64, 64)
 
 __all__ = ["DiffusionScheduler", "SAMPLERS"]
@@ -44,7 +43,7 @@ class DiffusionScheduler:
     @property
     def sigmas(self) -> torch.Tensor:
         """Karras et al.'s noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the one Euler samplers use."""
-        return ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        return sigma_of(self.alphas_cumprod)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """Sample q(x_t | x_0) in closed form, Ho et al. 2020, eq. 4; t an int, a 0-d tensor or one per sample (B,)."""
@@ -58,99 +57,103 @@ class DiffusionScheduler:
             raise ValueError(f"t must be in [0, {self.num_train_timesteps - 1}], got {t.tolist()}")
         alpha_bar_t = self.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t]
         alpha_bar_t = alpha_bar_t.reshape(-1, *([1] * (x0.dim() - 1)))  # (B,) -> (B, 1, 1, 1)
-        return alpha_bar_t ** 0.5 * x0 + (1 - alpha_bar_t) ** 0.5 * noise
+        return q_sample(x0, noise, alpha_bar_t)
 
-    def sampler(self, name: str, num_inference_steps: int, *, eta: float = 0.0, use_karras_sigmas: bool = False):
-        """The sampler `name` (one of SAMPLERS) set up for num_inference_steps steps, to step through by hand."""
-        self._check_steps(num_inference_steps)
-        return make_sampler(name, self.alphas_cumprod, num_inference_steps, eta=eta,
-                            use_karras_sigmas=use_karras_sigmas)
+    def noise_levels(self, num_inference_steps: int, sampler: str = "ddim", *,
+                     use_karras_sigmas: bool = False) -> NoiseLevels:
+        """The noise levels a run of `sampler` (one of SAMPLERS) visits in num_inference_steps steps."""
+        self._require_steps(num_inference_steps)
+        return noise_levels(sampler, self.alphas_cumprod, num_inference_steps, use_karras_sigmas=use_karras_sigmas)
 
     def timesteps(self, num_inference_steps: int, sampler: str = "ddim", *,
                   use_karras_sigmas: bool = False) -> torch.Tensor:
         """The timesteps a run visits: SD's "leading" spacing plus 1 (50 steps -> 981, 961, ..., 1)."""
-        return self.sampler(sampler, num_inference_steps, use_karras_sigmas=use_karras_sigmas).timesteps
+        return self.noise_levels(num_inference_steps, sampler, use_karras_sigmas=use_karras_sigmas).timesteps
 
-    def _check_steps(self, num_inference_steps) -> None:
+    def _require_steps(self, num_inference_steps) -> None:
         if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
                 or not 1 <= num_inference_steps <= self.num_train_timesteps):
             raise ValueError(f"num_inference_steps must be an integer from 1 to {self.num_train_timesteps} "
                              f"(the training steps), got {num_inference_steps!r}")
 
     @torch.no_grad()
-    def sample(self, unet: Callable, context: torch.Tensor, shape: tuple = DEFAULT_LATENT_SHAPE, *,
+    def sample(self, unet: Callable, context: torch.Tensor, shape: tuple | None = None, *,
                num_inference_steps: int = 50, sampler: str = "ddim", uncond_context: torch.Tensor | None = None,
                guidance_scale: float = 7.5, eta: float = 0.0, generator: torch.Generator | None = None,
-               latents: torch.Tensor | None = None, callback: Callable | None = None, progress: bool = True,
+               latents: torch.Tensor | None = None, callback: StepCallback | None = None, progress: bool = True,
                init_latents: torch.Tensor | None = None, strength: float = 1.0,
-               use_karras_sigmas: bool = False, return_trajectory: bool = False):
+               use_karras_sigmas: bool = False) -> torch.Tensor:
         """Denoise from noise (or from `init_latents` noised to `strength`) and return the clean latents.
 
-        unet(x, context, t) predicts the noise. With uncond_context and guidance_scale > 1, classifier-free
-        guidance (Ho & Salimans 2022) runs both passes as one batch. callback(i, t, x_t, pred_x0) sees every step;
-        return_trajectory=True returns (latents, [(t, x_t, pred_x0), ...]) instead. x_t is the latent the step
-        starts from, in the sampler's own form (Euler-type samplers: x_0 + sigma * noise, before input scaling).
+        unet(x, context, t) predicts the noise. The latent shape is `shape`, else that of the given latents, else
+        the seed's (1, 4, 64, 64). With uncond_context and guidance_scale > 1, classifier-free guidance
+        (Ho & Salimans 2022) runs both passes as one batch. callback(i, t, x_t, pred_x0) sees every step; x_t is
+        the latent the step starts from, in the sampler's own form (Euler-type: x_0 + sigma * noise).
         """
-        self._check_steps(num_inference_steps)
+        # 1. check the arguments; the latent shape
+        self._require_steps(num_inference_steps)
         if isinstance(strength, bool) or not (isinstance(strength, (int, float)) and 0 < strength <= 1):
             raise ValueError(f"strength must be in (0, 1] (how much of the image to repaint), got {strength!r}")
+        if eta != 0 and sampler != "ddim":
+            raise ValueError(f"eta applies to sampler='ddim' only, got eta={eta} with sampler={sampler!r}")
         if not (isinstance(context, torch.Tensor) and context.dim() == 3):
             got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
             raise ValueError(f"context must be a (B, 77, D) tensor of text embeddings, got {got}")
-        plan = make_sampler(sampler, self.alphas_cumprod, num_inference_steps, eta=eta,
-                            use_karras_sigmas=use_karras_sigmas)
+        shape = self._latent_shape(shape, latents, init_latents)
+        context, uncond_context = self._batch_contexts(context, uncond_context, shape[0])
         device, dtype = context.device, context.dtype
 
-        # the latent shape comes from the given latents, else from `shape`
-        given = init_latents if init_latents is not None else latents
-        if given is not None:
-            if tuple(shape) != DEFAULT_LATENT_SHAPE and tuple(shape) != tuple(given.shape):
-                raise ValueError(f"shape {tuple(shape)} disagrees with the given latents {tuple(given.shape)}")
-            shape = tuple(given.shape)
-        if len(shape) != 4:
-            raise ValueError(f"shape must be (B, C, H, W) of the latent, got {tuple(shape)}")
-        if latents is not None and init_latents is not None and latents.shape != init_latents.shape:
-            raise ValueError(f"latents (the noise) {tuple(latents.shape)} and init_latents "
-                             f"{tuple(init_latents.shape)} must have the same shape")
-        context, uncond_context = self._batch_contexts(context, uncond_context, shape[0])
-        guided = uncond_context is not None and guidance_scale > 1
-        if guided:
-            both_contexts = torch.cat([uncond_context, context])  # (2B, 77, D): uncond first, as diffusers
+        # 2. the noise levels of the run; image-to-image (SDEdit, Meng et al. 2022) runs only the last `strength`
+        levels = self.noise_levels(num_inference_steps, sampler, use_karras_sigmas=use_karras_sigmas)
+        first = 0
+        if init_latents is not None:
+            first = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+            if first >= num_inference_steps:
+                raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step "
+                                 f"to run; use strength >= 1/num_inference_steps")
+            levels = levels.starting_at(first)
 
+        # 3. the starting latent x_t at the first level: pure noise x_T, or the image noised to it (eq. 4)
         if latents is not None:
             noise = latents.to(device=device, dtype=dtype)
         else:
             noise = randn(shape, generator, dtype, device)  # (B, 4, h, w)
-        if init_latents is None:
-            first = 0
-            x = noise * plan.init_noise_sigma  # x_T
-        else:
-            # image-to-image (SDEdit, Meng et al. 2022): noise the image to an intermediate step, denoise from there
-            init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
-            first = max(num_inference_steps - init_timestep, 0)
-            if first >= num_inference_steps:
-                raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step "
-                                 f"to run; use strength >= 1/num_inference_steps")
-            x = plan.add_noise(init_latents.to(device=device, dtype=dtype), noise, first)
+        x_t = noise
+        if init_latents is not None:
+            alpha_bar = levels.alpha_bars[0].to(device=device, dtype=dtype)
+            x_t = q_sample(init_latents.to(device=device, dtype=dtype), noise, alpha_bar)
 
-        timesteps = plan.timesteps.to(device)  # the UNet gets t as a 0-d tensor, as diffusers passes it
-        trajectory = []
-        for i in tqdm(range(first, num_inference_steps), disable=not progress, desc=f"sampling ({sampler})"):
-            t = timesteps[i]
-            x_in = plan.scale_model_input(x, i)
-            if guided:
-                # (B, 4, h, w) -> (2B, 4, h, w) -> two (B, 4, h, w) halves
-                eps_uncond, eps_cond = unet(torch.cat([x_in, x_in]), both_contexts, t).chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans 2022, eq. 6, g = 1 + w
-            else:
-                eps = unet(x_in, context, t)
-            x_next, pred_x0 = plan.step(i, x, eps, generator)
-            if callback is not None:
-                callback(i, plan.timesteps[i].item(), x, pred_x0)
-            if return_trajectory:
-                trajectory.append((plan.timesteps[i].item(), x, pred_x0))
-            x = x_next
-        return (x, trajectory) if return_trajectory else x
+        # 4. the noise prediction the sampler asks for: the UNet, guided
+        guided = uncond_context is not None and guidance_scale > 1
+        if guided:
+            both_contexts = torch.cat([uncond_context, context])  # (2B, 77, D): uncond first, as diffusers
+
+        def predict_noise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device)  # a 0-d tensor, as diffusers passes it
+            if not guided:
+                return unet(x, context, t)
+            # (B, 4, h, w) -> (2B, 4, h, w) -> two (B, 4, h, w) halves
+            eps_uncond, eps_cond = unet(torch.cat([x, x]), both_contexts, t).chunk(2)
+            return eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans 2022, eq. 6, g = 1 + w
+
+        # 5. the sampler's loop; the callback counts steps from the start of the whole run
+        on_step = None if callback is None else (lambda i, t, x, pred_x0: callback(first + i, t, x, pred_x0))
+        options = {"eta": eta} if sampler == "ddim" else {}
+        return SAMPLING_LOOPS[sampler](predict_noise, x_t, levels, generator=generator, callback=on_step,
+                                       progress=progress, **options)
+
+    @staticmethod
+    def _latent_shape(shape, latents, init_latents) -> tuple:
+        """The latent shape (B, C, h, w): `shape`, else that of the given latents, else the seed's; they must agree."""
+        given = [tuple(x.shape) for x in (latents, init_latents) if x is not None]
+        if len(given) == 2 and given[0] != given[1]:
+            raise ValueError(f"latents (the noise) {given[0]} and init_latents {given[1]} must have the same shape")
+        if shape is not None and given and tuple(shape) != given[0]:
+            raise ValueError(f"shape {tuple(shape)} disagrees with the given latents {given[0]}")
+        shape = tuple(shape) if shape is not None else given[0] if given else DEFAULT_LATENT_SHAPE
+        if len(shape) != 4:
+            raise ValueError(f"shape must be (B, C, H, W) of the latent, got {shape}")
+        return shape
 
     @staticmethod
     def _batch_contexts(context, uncond_context, batch):

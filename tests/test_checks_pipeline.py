@@ -11,6 +11,7 @@ import torch
 from sd.course.checks import check_text_to_image, pick
 from sd.course.checks.pipeline import reference_text_to_image, tiny_pipeline
 from sd.pipeline import StableDiffusion
+from sd.samplers import SAMPLING_LOOPS
 
 
 @torch.no_grad()
@@ -24,19 +25,20 @@ def learner_text_to_image(pipe, prompt, negative_prompt="", *, height, width, nu
         uncond = torch.zeros_like(cond)
     f = 8 if mistake == "factor_8" else pipe.vae_factor
     noise = torch.randn(1, 4, height // f, width // f, generator=generator)
-    plan = pipe.scheduler.sampler(sampler, num_inference_steps)
-    latents = noise * plan.init_noise_sigma
-    for i, t in enumerate(plan.timesteps):
-        model_in = latents if mistake == "no_scale_model_input" else plan.scale_model_input(latents, i)
-        out = pipe.unet(torch.cat([model_in] * 2), torch.cat([uncond, cond]), t)
+    levels = pipe.scheduler.noise_levels(num_inference_steps, sampler)
+
+    def predict_noise(x_t, t):
+        out = pipe.unet(torch.cat([x_t] * 2), torch.cat([uncond, cond]), t)
         eps_u, eps_c = out[:1], out[1:]
         if mistake == "no_guidance":
-            eps = eps_c
-        elif mistake == "swapped":
-            eps = eps_c + guidance_scale * (eps_u - eps_c)
-        else:
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-        latents, _ = plan.step(i, latents, eps, generator)
+            return eps_c
+        if mistake == "swapped":
+            return eps_c + guidance_scale * (eps_u - eps_c)
+        return eps_u + guidance_scale * (eps_c - eps_u)
+
+    if mistake == "init_noise_sigma":
+        noise = noise * (1 + levels.sigmas.max() ** 2) ** 0.5      # as diffusers' schedulers want it
+    latents = SAMPLING_LOOPS[sampler](predict_noise, noise, levels, generator=generator)
     if mistake == "divide_by_scale":
         latents = latents / 0.18215       # as in code bases whose decoder does not unscale
     image = pipe.decoder(latents.float())
@@ -75,7 +77,7 @@ def test_tiny_pipeline_is_a_stable_diffusion_whose_prompt_matters():
     ("swapped", "cond and uncond are swapped"),
     ("zeros", "unconditional context is zeros"),
     ("always_empty_negative", "negative prompt is ignored"),
-    ("no_scale_model_input", "input is not scaled"),
+    ("init_noise_sigma", "scaled by diffusers' init_noise_sigma"),
     ("divide_by_scale", "divided by 0.18215"),
     ("no_rescale", "map it to [0, 1]"),
 ])

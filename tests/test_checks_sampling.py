@@ -61,7 +61,7 @@ def test_checks_pass_sd_and_correct_learner_code_with_one_line_each(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 7
     assert all(line.startswith("✅ check_") and " passed: matches " in line for line in lines)
-    assert "matches sd.samplers.DDIMSampler(...).alpha_bar_prev on 3 random inputs" in lines[4]
+    assert "matches sd.samplers.noise_levels('ddim', ...).alpha_bars[1:] on 3 random inputs" in lines[4]
 
 
 def testreference_previous_alpha_bars_is_what_ddim_sampling_uses():

@@ -57,6 +57,14 @@ def seeded(seed=42):
     return torch.Generator().manual_seed(seed)
 
 
+def sample_with_trajectory(*args, **kwargs):
+    """DiffusionScheduler().sample(...) and each step's (t, latent before the step, predicted x_0), via the callback."""
+    trajectory = []
+    latents = DiffusionScheduler().sample(*args, **kwargs,
+                                          callback=lambda i, t, x, pred_x0: trajectory.append((t, x, pred_x0)))
+    return latents, trajectory
+
+
 def reference_run(name, n, unet, context, *, uncond=None, guidance=1.0, noise=None, generator=None,
                   eta=0.0, use_karras_sigmas=False, init=None, strength=1.0):
     """What diffusers' StableDiffusion(Img2Img)Pipeline does, written out over the scheduler.
@@ -112,8 +120,8 @@ DETERMINISTIC = [("ddim", False), ("euler", False), ("euler", True), ("dpmpp2m",
 def test_deterministic_samplers_match_diffusers_over_full_run(name, karras, n):
     unet, (context, _) = FakeUNet(), contexts()
     noise = torch.randn(SHAPE, generator=seeded())
-    ours = DiffusionScheduler().sample(unet, context, SHAPE, num_inference_steps=n, sampler=name, latents=noise,
-                                       use_karras_sigmas=karras, progress=False, return_trajectory=True)
+    ours = sample_with_trajectory(unet, context, SHAPE, num_inference_steps=n, sampler=name, latents=noise,
+                                use_karras_sigmas=karras, progress=False)
     assert_same_run(ours, reference_run(name, n, unet, context, noise=noise, use_karras_sigmas=karras))
 
 
@@ -123,17 +131,17 @@ def test_deterministic_samplers_match_diffusers_over_full_run(name, karras, n):
 def test_stochastic_samplers_match_diffusers_with_same_seed(name, eta, n):
     unet, (context, _) = FakeUNet(), contexts()
     # both draw the starting noise and every step's noise from equally seeded generators
-    ours = DiffusionScheduler().sample(unet, context, SHAPE, num_inference_steps=n, sampler=name, eta=eta,
-                                       generator=seeded(), progress=False, return_trajectory=True)
+    ours = sample_with_trajectory(unet, context, SHAPE, num_inference_steps=n, sampler=name, eta=eta,
+                                generator=seeded(), progress=False)
     assert_same_run(ours, reference_run(name, n, unet, context, eta=eta, generator=seeded()))
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_guided_sample_matches_diffusers_hand_loop(name):
     unet, (context, uncond) = FakeUNet(), contexts()
-    ours = DiffusionScheduler().sample(unet, context, SHAPE, num_inference_steps=10, sampler=name,
-                                       uncond_context=uncond, guidance_scale=7.5, generator=seeded(),
-                                       progress=False, return_trajectory=True)
+    ours = sample_with_trajectory(unet, context, SHAPE, num_inference_steps=10, sampler=name,
+                                uncond_context=uncond, guidance_scale=7.5, generator=seeded(),
+                                progress=False)
     # one batched pass per step: (2B, ...) latents, uncond contexts first, t a 0-d tensor
     assert len(unet.calls) == 10
     for x_shape, ctx_shape, t in unet.calls:
@@ -157,9 +165,9 @@ def test_guidance_scale_one_runs_a_single_conditional_pass():
 def test_img2img_start_matches_diffusers(name):
     unet, (context, _) = FakeUNet(), contexts()
     init = torch.randn(SHAPE, generator=seeded(3))
-    ours = DiffusionScheduler().sample(unet, context, SHAPE, num_inference_steps=20, sampler=name,
-                                       init_latents=init, strength=0.6, generator=seeded(),
-                                       progress=False, return_trajectory=True)
+    ours = sample_with_trajectory(unet, context, SHAPE, num_inference_steps=20, sampler=name,
+                                init_latents=init, strength=0.6, generator=seeded(),
+                                progress=False)
     theirs = reference_run(name, 20, unet, context, init=init, strength=0.6, generator=seeded())
     assert len(ours[1]) == 12  # int(20 * 0.6) steps of the 20
     assert_same_run(ours, theirs)
@@ -302,3 +310,55 @@ def test_given_latents_equal_the_same_seeded_draw():
     noise = torch.randn(SHAPE, generator=seeded())
     b = s.sample(unet, context, num_inference_steps=5, sampler="euler", latents=noise, progress=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,karras", DETERMINISTIC + [("ddpm", False), ("euler_a", False)],
+                         ids=["ddim", "euler", "euler_karras", "dpmpp2m", "ddpm", "euler_a"])
+def test_noise_levels_are_diffusers_timesteps_and_sigmas(name, karras):
+    ref = diffusers_scheduler(name, karras)
+    ref.set_timesteps(20)
+    levels = DiffusionScheduler().noise_levels(20, name, use_karras_sigmas=karras)
+    assert torch.allclose(levels.timesteps.double(), ref.timesteps.double(), rtol=1e-6, atol=0)
+    assert levels.alpha_bars.shape == levels.sigmas.shape == (21,)  # where each step starts, and the last lands
+    if hasattr(ref, "sigmas"):  # Euler-type and DPM-Solver: the noise levels themselves
+        assert torch.allclose(levels.sigmas, ref.sigmas.float(), rtol=1e-6, atol=0)
+    if name == "ddim":  # SD's DDIM ends on alpha_bar_0 = 0.99915 (set_alpha_to_one False), the others on x_0
+        assert levels.alpha_bars[-1].item() == pytest.approx(0.99915, rel=1e-6)
+    else:
+        assert levels.alpha_bars[-1].item() == 1.0 and levels.sigmas[-1].item() == 0.0
+
+
+def test_img2img_callback_counts_the_steps_of_the_whole_run():
+    unet, (context, _) = FakeUNet(), contexts()
+    seen = []
+    DiffusionScheduler().sample(unet, context, SHAPE, num_inference_steps=20, init_latents=torch.zeros(SHAPE),
+                                strength=0.6, generator=seeded(), progress=False,
+                                callback=lambda i, t, x_t, pred_x0: seen.append((i, t)))
+    ref = diffusers_scheduler("ddim")
+    ref.set_timesteps(20)
+    assert seen == list(zip(range(8, 20), ref.timesteps[8:].tolist()))  # the last int(20 * 0.6) = 12 steps
+
+
+@pytest.mark.parametrize("given", ["latents", "init_latents"])
+def test_explicit_shape_that_disagrees_with_the_given_latents_raises(given):
+    unet, (context, _) = FakeUNet(), contexts()
+    # the seed's default shape, given explicitly, is not silently replaced by the latents' shape
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 64, 64\) disagrees with the given latents \(2, 4, 8, 8\)"):
+        DiffusionScheduler().sample(unet, context, (1, 4, 64, 64), progress=False, **{given: torch.zeros(SHAPE)})
+
+
+def test_negative_eta_raises():
+    unet, (context, _) = FakeUNet(), contexts()
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        DiffusionScheduler().sample(unet, context, SHAPE, sampler="ddim", eta=-0.5, progress=False)
+
+
+def test_dpm_solver_keeps_no_memory_between_runs():
+    """The multistep memory is local to a run: an image-to-image run first does not change the next full run."""
+    unet, (context, _) = FakeUNet(), contexts()
+    s, noise = DiffusionScheduler(), torch.randn(SHAPE, generator=seeded())
+    fresh = s.sample(unet, context, num_inference_steps=8, sampler="dpmpp2m", latents=noise, progress=False)
+    s.sample(unet, context, num_inference_steps=8, sampler="dpmpp2m", latents=noise, init_latents=noise * 0.5,
+             strength=0.5, progress=False)
+    again = s.sample(unet, context, num_inference_steps=8, sampler="dpmpp2m", latents=noise, progress=False)
+    assert torch.equal(fresh, again)

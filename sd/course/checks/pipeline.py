@@ -2,8 +2,8 @@
 
 The check builds a tiny Stable Diffusion with random weights (every module of SD v1, only narrow), runs the
 learner's loop and `generate` on the same prompt and seed, and compares the images. The `Mistake`s rerun the
-loop the typical wrong ways (no guidance, cond and uncond swapped, zeros for the empty prompt, the model input
-not scaled, the latents scaled twice, ...), so a wrong picture is named, not just reported.
+loop the typical wrong ways (no guidance, cond and uncond swapped, zeros for the empty prompt, the latents
+scaled twice, ...), so a wrong picture is named, not just reported.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ...config import CLIPConfig, UNetConfig, VAEConfig
 from ...decoder import VAE_Decoder
 from ...encoder import VAE_Encoder
 from ...pipeline import StableDiffusion
+from ...samplers import SAMPLING_LOOPS
 from ...tokenizer import CLIPTokenizer, learn_bpe_merges
 from ...unet import DiffusionUNET
 from .common import Case, Mistake, check_function, seeded
@@ -88,15 +89,16 @@ def _loop_done_wrong(pipe, prompt, negative_prompt="", *, height, width, num_inf
         uncond = torch.zeros_like(context)
     f = pipe.vae_factor
     latents = torch.randn((1, pipe.unet.config.in_channels, height // f, width // f), generator=generator)
-    plan = pipe.scheduler.sampler(sampler, num_inference_steps)
-    x = latents if wrong == "no_init_sigma" else latents * plan.init_noise_sigma
-    for i, t in enumerate(plan.timesteps):
-        x_in = x if wrong == "no_input_scaling" else plan.scale_model_input(x, i)
-        t_in = torch.tensor(i) if wrong == "index_as_t" else t
-        eps_u, eps_c = pipe.unet(torch.cat([x_in, x_in]), torch.cat([uncond, context]), t_in).chunk(2)
+    levels = pipe.scheduler.noise_levels(num_inference_steps, sampler)
+
+    def predict_noise(x_t, t):
+        eps_u, eps_c = pipe.unet(torch.cat([x_t, x_t]), torch.cat([uncond, context]), t).chunk(2)
         g = guidance_scale
-        eps = {"no_guidance": eps_c, "swapped": eps_c + g * (eps_u - eps_c)}.get(wrong, eps_u + g * (eps_c - eps_u))
-        x, _ = plan.step(i, x, eps, generator)
+        return {"no_guidance": eps_c, "swapped": eps_c + g * (eps_u - eps_c)}.get(wrong, eps_u + g * (eps_c - eps_u))
+
+    if wrong == "init_sigma":
+        latents = latents * (levels.sigmas[0] ** 2 + 1) ** 0.5
+    x = SAMPLING_LOOPS[sampler](predict_noise, latents, levels, generator=generator)
     image = pipe.decoder(x / pipe.decoder.config.scaling_factor if wrong == "double_scale" else x)
     if wrong == "no_rescale":
         return image
@@ -132,12 +134,8 @@ def check_text_to_image(fn) -> bool:
                 "prompt \"\" by default), pipe.clip(pipe.tokenizer([negative_prompt]))", wrong("zeros_uncond")),
         Mistake("the negative prompt is ignored: the unconditional half encodes negative_prompt, not always \"\"",
                 wrong("ignores_negative")),
-        Mistake("the UNet's input is not scaled: Euler samplers keep x = x_0 + sigma * noise and the UNet wants "
-                "plan.scale_model_input(x, i) = x / sqrt(1 + sigma^2)", wrong("no_input_scaling")),
-        Mistake("the initial noise is not scaled by plan.init_noise_sigma (1 for DDIM, sqrt(1 + sigma_max^2) for "
-                "Euler samplers)", wrong("no_init_sigma")),
-        Mistake("the UNet gets the step index i: it wants the timestep t = plan.timesteps[i] (981, 961, ...)",
-                wrong("index_as_t")),
+        Mistake("the initial noise is scaled by diffusers' init_noise_sigma: every sampler here starts from x_T = "
+                "the noise itself (the Euler samplers scale it to x_0 + sigma * noise inside)", wrong("init_sigma")),
         Mistake("the latents are divided by 0.18215 before the decoder, which divides by it itself: pass them "
                 "as they are", wrong("double_scale")),
         Mistake("the image is in [-1, 1], the decoder's range: map it to [0, 1] with (image / 2 + 0.5).clamp(0, 1)",
@@ -147,9 +145,9 @@ def check_text_to_image(fn) -> bool:
         return check_function("check_text_to_image", fn, reference_text_to_image, cases, mistakes,
                               reference_name="StableDiffusion.generate", atol=IMAGE_ATOL, rtol=0.0,
                               hint="generator = torch.Generator('cpu').manual_seed(seed) draws the latents "
-                                   "(1, 4, H/f, W/f), f = pipe.vae_factor, first, then goes to plan.step; "
-                                   "plan = pipe.scheduler.sampler(sampler, steps); "
-                                   "x = latents * plan.init_noise_sigma; "
-                                   "each step: x_in = plan.scale_model_input(x, i), one UNet pass on [uncond, cond], "
-                                   "guidance, plan.step(i, x, eps, generator); decode with pipe.decoder and map "
+                                   "(1, 4, H/f, W/f), f = pipe.vae_factor, first, then goes to the sampler; "
+                                   "levels = pipe.scheduler.noise_levels(steps, sampler); predict_noise(x_t, t): "
+                                   "one UNet pass on [uncond, cond], guidance; "
+                                   "x = SAMPLING_LOOPS[sampler](predict_noise, latents, levels, generator=generator); "
+                                   "decode with pipe.decoder and map "
                                    "[-1, 1] to [0, 1]")

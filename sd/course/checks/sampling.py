@@ -1,6 +1,6 @@
 """Checks for notebook 06 (sampling): the DDPM step, the DDIM step, the alpha_bar_prev of a run, guidance.
 
-Each check compares with `sd.samplers` (the update rules and the DDIM sampler's schedule) or with the guidance
+Each check compares with `sd.samplers` (the update rules and the noise levels of a DDIM run) or with the guidance
 line of `sd.diffusion.DiffusionScheduler.sample`; the `Mistake`s recompute the reference the typical wrong ways
 (a missing square root, alpha_bar_t where alpha_bar_prev belongs, the final alpha_bar set to 1, cond and uncond
 swapped, ...), so a wrong answer is named, not just reported.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...diffusion import DiffusionScheduler
-from ...samplers import MIN_DDPM_VARIANCE, DDIMSampler, ddim_step, ddpm_step, leading_timesteps, predict_x0
+from ...samplers import MIN_DDPM_VARIANCE, ddim_step, ddpm_step, leading_timesteps, noise_levels, predict_x0
 from .common import Case, Mistake, check_function, randn, require_callable, seeded
 
 # SD v1's schedule: the alpha_bar_t the cases below take their values from.
@@ -173,11 +173,11 @@ def check_ddim_step(fn) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 def reference_previous_alpha_bars(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What sd's DDIM sampler uses (set up from the same schedule for as many steps)."""
-    sampler = DDIMSampler(alphas_cumprod, len(timesteps))
-    if not torch.equal(sampler.timesteps, timesteps):   # the cases only pass SD's own "leading" timesteps
+    """What sd's DDIM sampler steps to: the alpha_bar after each step of a run of as many steps on this schedule."""
+    levels = noise_levels("ddim", alphas_cumprod, len(timesteps))
+    if not torch.equal(levels.timesteps, timesteps):   # the cases only pass SD's own "leading" timesteps
         raise ValueError("the check's timesteps must be SD's leading timesteps")
-    return sampler.alpha_bar_prev
+    return levels.alpha_bars[1:]
 
 
 def check_previous_alpha_bars(fn) -> bool:
@@ -217,7 +217,7 @@ def check_previous_alpha_bars(fn) -> bool:
                 "nearly clean", wrong("zero_last")),
     ]
     return check_function("check_previous_alpha_bars", fn, reference_previous_alpha_bars, cases, mistakes,
-                          reference_name="sd.samplers.DDIMSampler(...).alpha_bar_prev",
+                          reference_name="sd.samplers.noise_levels('ddim', ...).alpha_bars[1:]",
                           hint="alphas_cumprod[timesteps[1:]], then alphas_cumprod[0] for the last step "
                                "(torch.cat them); the result has one value per timestep")
 
