@@ -20,6 +20,7 @@ from .images import as_rgb_image, pil_to_tensor, signed_to_unit, to_pil
 from .runtime.compile import compile_or_eager, default_compile_kwargs
 from .runtime.memory import require_memory_for
 from .runtime.vae_tiling import decode_tiled
+from .samplers import randn
 from .validation import nearest_multiples, require_finite_tensor, require_int, require_number, require_texts
 
 OUTPUT_TYPES = ("pil", "pt")
@@ -206,22 +207,22 @@ class StableDiffusion:
             with self._on_device(self.encoder):
                 mean, _ = self.encoder.posterior(image.to(enc_dtype))       # (1, 4, h, w)
                 if shared(generators):     # one posterior sample for the batch, as diffusers draws it
-                    enc_noise = randn_per_image(mean.shape[1:], generators[:1], self.device, enc_dtype)
+                    enc_noise = randn(mean.shape, generators[0], torch.float32, "cpu").to(self.device, enc_dtype)
                 else:                      # one per image, so that image i equals the run with seed[i] alone
-                    enc_noise = randn_per_image(mean.shape[1:], generators, self.device, enc_dtype)
+                    enc_noise = randn((batch, *mean.shape[1:]), generators, torch.float32, "cpu").to(self.device, enc_dtype)
                     image = image.expand(batch, -1, -1, -1)
                 init_latents = self.encoder(image.to(enc_dtype), enc_noise).to(self.dtype).expand(batch, -1, -1, -1)
 
         # 5. the starting noise, one draw per image
         if latents is None:
-            latents = randn_per_image(shape[1:], generators, self.device, self.dtype)
+            latents = randn(shape, generators, torch.float32, "cpu")   # drawn in float32 on the CPU, then moved
         latents = latents.to(self.device, self.dtype)
 
         # 6. denoise, then decode
         with self._on_device(self.unet):
             out = self.scheduler.sample(
                 self.unet, context, shape, num_inference_steps=num_inference_steps, sampler=sampler,
-                uncond_context=uncond, guidance_scale=guidance_scale, eta=eta, generator=generators[0],
+                uncond_context=uncond, guidance_scale=guidance_scale, eta=eta, generator=generators,
                 latents=latents, init_latents=init_latents, strength=strength, callback=callback, progress=progress)
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"the latents became NaN or infinite while sampling: {self._likely_cause(guidance_scale)}")
@@ -258,11 +259,3 @@ class StableDiffusion:
 def shared(generators: list[torch.Generator]) -> bool:
     """True when every image draws from one generator (a single seed)."""
     return all(g is generators[0] for g in generators)
-
-
-def randn_per_image(shape: tuple[int, ...], generators: list[torch.Generator], device, dtype) -> torch.Tensor:
-    """(B, *shape) standard normal noise, row i from generators[i]; with one generator shared by all rows, the rows
-    are drawn one after the other from it, which equals one (B, *shape) draw."""
-    if shared(generators):
-        return torch.randn((len(generators), *shape), generator=generators[0]).to(device, dtype)
-    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device, dtype)

@@ -36,9 +36,20 @@ NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
 
 
-def randn(shape, generator: torch.Generator | None, dtype: torch.dtype, device) -> torch.Tensor:
-    """Standard normal noise; drawn on the generator's device (CPU) and moved, as diffusers does."""
+def randn(shape, generator: torch.Generator | list[torch.Generator] | None, dtype: torch.dtype, device) -> torch.Tensor:
+    """Standard normal noise; drawn on the generator's device (CPU) and moved, as diffusers does.
+
+    A list of generators, one per batch row (as diffusers takes them), draws row i from generator i, so that image i
+    of a batch follows the same noise as a run of that image alone. A list holding one generator again and again
+    (one seed for the batch) is one draw of the whole shape from it.
+    """
     device = torch.device(device)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per row")
+        if any(g is not generator[0] for g in generator):
+            return torch.cat([randn((1, *shape[1:]), g, dtype, device) for g in generator])   # (B, ...)
+        generator = generator[0]
     if generator is not None and generator.device.type != device.type:
         return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
     return torch.randn(shape, generator=generator, dtype=dtype, device=device)

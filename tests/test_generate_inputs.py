@@ -109,7 +109,7 @@ def test_nan_weights_are_named_as_the_cause(pipe):
     assert "unet weights contain NaN" in one_line(e.value)
 
 
-@pytest.mark.parametrize("sampler", ["ddim"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler_a"])
 def test_image_i_of_a_batch_with_a_list_of_seeds_equals_the_run_with_seed_i(pipe, sampler):
     batch = pipe.generate([PROMPT, "a green square on a white background"], seed=[11, 12], sampler=sampler, **FAST)
     alone = pipe.generate("a green square on a white background", seed=12, sampler=sampler, **FAST)
