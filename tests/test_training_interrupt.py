@@ -13,6 +13,7 @@ from torch import nn
 from sd.training import TrainingInterrupted, TrainOptions, read_stage, train_loop, train_stage
 from sd.training.data import ShapesDataset
 from sd.training.distributed import rank_and_world
+from sd.training.interrupt import sigterm_raises
 from sd.training.stage_checkpoint import PARTIAL_SUFFIX
 
 IMAGE_SIZE = 16      # the tiny preset's images
@@ -155,3 +156,11 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_from_that_step(tmp_path
     assert f"resuming vae from step {stopped}" in result.stdout
     _, resumed = read_stage(ckpt)
     assert resumed["step"] == stopped + 2 and resumed["losses"][:stopped] == meta["losses"]
+
+
+def test_sigterm_outside_the_steps_raises_a_one_line_interruption():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM outside the training steps") as e:
+        with sigterm_raises():
+            signal.raise_signal(signal.SIGTERM)
+    assert e.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before

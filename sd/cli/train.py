@@ -12,6 +12,7 @@ import torch
 
 from ..runtime.device import resolve_device
 from ..training.distributed import close_distributed, init_distributed
+from ..training.interrupt import sigterm_raises
 from ..training.loop import TrainOptions
 from ..training.presets import PRESETS
 from ..training.stages import BATCH_SIZES, BUDGET_SHARE, DEFAULT_DATASET_SIZE, STAGES, make_dataset, train_all, \
@@ -92,11 +93,12 @@ def run_train(args) -> None:
 
     start = time.time()
     try:
-        if args.stage == "all":
-            train_all(opts, args.preset, args.image_size, args.dataset_size, report=report)
-        else:
-            dataset = make_dataset(args.image_size, args.dataset_size, args.seed)
-            report(args.stage, train_stage(args.stage, opts, args.preset, dataset, args.image_size))
+        with sigterm_raises():
+            if args.stage == "all":
+                train_all(opts, args.preset, args.image_size, args.dataset_size, report=report)
+            else:
+                dataset = make_dataset(args.image_size, args.dataset_size, args.seed)
+                report(args.stage, train_stage(args.stage, opts, args.preset, dataset, args.image_size))
     finally:
         close_distributed()
     if rank == 0:

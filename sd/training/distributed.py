@@ -10,6 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..runtime.device import resolve_device
+
 # torchrun sets it to the number of processes of the run.
 WORLD_SIZE_ENV = "WORLD_SIZE"
 
@@ -22,6 +24,8 @@ def launched_processes() -> int:
 def init_distributed() -> tuple[int, int]:
     """Start the process group when run under torchrun (gloo on CPU, NCCL on GPUs); returns (rank, world size)."""
     if launched_processes() > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(resolve_device("cuda"))   # this process's GPU, for NCCL's own communications
         # NCCL for the gradients on GPUs, gloo for the small CPU tensors of `agree` (NCCL only takes GPU tensors)
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return rank_and_world()

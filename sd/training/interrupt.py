@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
 
 # The signals a user or a job scheduler (Slurm, Kubernetes, torchrun) sends to stop a process.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -46,3 +47,20 @@ class StopRequests:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+
+@contextmanager
+def sigterm_raises():
+    """Inside it SIGTERM raises TrainingInterrupted, as Ctrl-C raises KeyboardInterrupt: outside a loop's steps
+    (drawing the data, encoding it, between stages) there is nothing new to save, only a clean one-line exit."""
+    def interrupt(signum, frame):
+        raise TrainingInterrupted("SIGTERM outside the training steps (the finished stages are saved)", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
