@@ -9,6 +9,7 @@ exit code 2 (Ctrl-C: 130, SIGTERM while training: 143); `--debug` shows the trac
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import evaluate, generate, train
@@ -20,7 +21,6 @@ COMMANDS = (generate, train, evaluate)
 EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
 USAGE_ERROR = 2           # argparse's exit code for bad arguments, used for every expected error
 SIGNAL_EXIT_BASE = 128    # the shell's convention: a process ended by signal N exits with 128 + N (Ctrl-C: 130)
-SIGINT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,16 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, *EXPECTED_ERRORS) as e:
         if args.debug:
             raise
-        message = str(e) or "interrupted (Ctrl-C)"
+        interrupted = isinstance(e, KeyboardInterrupt)
+        message = str(e) or ("interrupted (Ctrl-C)" if interrupted else type(e).__name__)
         sys.stderr.write(f"{PROG} {args.command}: error: {message.splitlines()[0]}\n")
-        return SIGNAL_EXIT_BASE + getattr(e, "signum", SIGINT)
-    except EXPECTED_ERRORS as e:
-        if args.debug:
-            raise
-        message = str(e) or type(e).__name__
-        sys.stderr.write(f"{PROG} {args.command}: error: {message.splitlines()[0]}\n")
-        return USAGE_ERROR
+        return SIGNAL_EXIT_BASE + getattr(e, "signum", signal.SIGINT) if interrupted else USAGE_ERROR
     return 0

@@ -70,7 +70,7 @@ def positive_float(text: str) -> float:
     return value
 
 
-def seed(text: str) -> int:
+def random_seed(text: str) -> int:
     """argparse type: a random seed, an integer from 0 to 2**64 - 1 (what torch's generators take)."""
     value = _integer(text)
     if value is None or not 0 <= value <= MAX_SEED:

@@ -5,7 +5,7 @@ import json
 
 from ..io.checkpoint import load_checkpoint
 from ..training.evaluation import DEFAULT_GUIDANCE, DEFAULT_PER_PROMPT, DEFAULT_STEPS, evaluate_model, format_report
-from .arguments import add_device_option, positive_int, seed
+from .arguments import add_device_option, positive_int, random_seed
 
 
 def add_parser(sub) -> None:
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
                    help=f"guidance scale of the guided run (default {DEFAULT_GUIDANCE:g})")
     p.add_argument("--per-prompt", type=positive_int, default=DEFAULT_PER_PROMPT,
                    help=f"images per prompt (default {DEFAULT_PER_PROMPT})")
-    p.add_argument("--seed", type=seed, default=0, help="noise seed, 0 .. 2**64-1 (default 0)")
+    p.add_argument("--seed", type=random_seed, default=0, help="noise seed, 0 .. 2**64-1 (default 0)")
     add_device_option(p)
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     p.set_defaults(handler=run_evaluate)

@@ -10,7 +10,7 @@ from PIL import Image
 from ..io.checkpoint import load_checkpoint
 from ..runtime.device import DTYPES, detect_runtime
 from ..samplers import SAMPLERS
-from .arguments import add_device_option, image_count, image_path, image_side, positive_int, seed
+from .arguments import add_device_option, image_count, image_path, image_side, positive_int, random_seed
 
 
 def _common_options(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler (default ddim)")
     p.add_argument("--cfg", type=float, default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale; <= 1 turns guidance off (default 7.5)")
-    p.add_argument("--seed", type=seed, default=None,
+    p.add_argument("--seed", type=random_seed, default=None,
                    help="random seed, 0 .. 2**64-1: the same seed gives the same image")
     p.add_argument("--num-images", type=image_count, default=1, help="images per prompt, up to 64 (default 1)")
     p.add_argument("--out", type=image_path, default="image.png", metavar="FILE",

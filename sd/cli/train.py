@@ -17,7 +17,7 @@ from ..training.loop import TrainOptions
 from ..training.presets import PRESETS
 from ..training.stages import BATCH_SIZES, BUDGET_SHARE, DEFAULT_DATASET_SIZE, STAGES, make_dataset, train_all, \
     train_stage
-from .arguments import add_device_option, positive_float, positive_int, seed
+from .arguments import add_device_option, positive_float, positive_int, random_seed
 
 # The command that made the shipped model (README); `python -m sd train all` with no options repeats it.
 DEFAULT_MINUTES = 48.0
@@ -48,7 +48,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dataset-size", type=positive_int, default=DEFAULT_DATASET_SIZE,
                    help=f"number of training images (default {DEFAULT_DATASET_SIZE:,})")
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model sizes (default small)")
-    p.add_argument("--seed", type=seed, default=0, help="random seed of the data and the training (default 0)")
+    p.add_argument("--seed", type=random_seed, default=0,
+                   help="random seed of the data and the training, 0 .. 2**64-1 (default 0)")
     p.add_argument("--resume", action="store_true",
                    help="continue each stage from its checkpoint in --out; a stage without one starts at step 0 "
                         "(and says so); a checkpoint of another stage or preset, or an unreadable one, is refused")

@@ -77,7 +77,7 @@ def read_stage(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], di
 
 
 def require_resumable(path: Path, saved: dict, name: str, meta: dict) -> None:
-    """Raise ValueError unless the checkpoint's metadata `saved` continues stage `name` whose models `meta` describes."""
+    """Raise ValueError unless the checkpoint metadata `saved` continues stage `name`, whose models `meta` describes."""
     if saved.get("stage") != name:
         raise ValueError(f"cannot resume {name} from {path}: it is the checkpoint of the {saved.get('stage')!r} stage")
     for key, ours in json.loads(json.dumps(meta)).items():     # through JSON, as saved: tuples become lists
