@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from sd.cli.train import main as sd_main
+    from sd.cli import main as sd_main
     start = time.time()
     train_args = ["train", "all", "--minutes", str(args.minutes), "--out", args.out, "--seed", str(args.seed),
                   "--quiet"]
@@ -36,7 +36,8 @@ def main(argv=None) -> None:
         train_args += ["--device", args.device]
     if args.threads:
         train_args += ["--threads", str(args.threads)]
-    sd_main(train_args)
+    if sd_main(train_args) != 0:
+        raise SystemExit("training failed (see the line above)")
     train_minutes = (time.time() - start) / 60
 
     import sd

@@ -65,25 +65,3 @@ def require_image_like(x: torch.Tensor, name: str, channels: int, multiple: int,
             raise ValueError(f"{name} {side} must be a multiple of {multiple} ({what}), got {size}; "
                              f"the nearest sizes that work are {nearest_multiples(size, multiple)}")
 
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device -> a device this
-    machine has; else one line saying what is available."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (no GPU, or a CPU-only "
-                             f"torch {torch.__version__}); use cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {str(device)!r}: Apple's MPS is not available on this machine; use cpu")
-    elif resolved.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
-    return resolved

@@ -1,6 +1,7 @@
 """`python -m sd generate / img2img`: a PNG and where it went; bad arguments exit 2 with one clear line."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from PIL import Image
 
 import sd
 from sd.io.checkpoint import save_checkpoint
-from sd.cli import main
+import sd.cli.generate
+from sd.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +94,108 @@ def test_train_and_evaluate_reject_a_device_this_machine_lacks(args, tmp_path, c
     assert main(args + ["--device", bad]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"device '{bad}'" in err, err
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    """Fail the test if a model gets loaded: the argument must be refused before that."""
+    def refuse(args):
+        raise AssertionError("the model was loaded before the bad argument was reported")
+    monkeypatch.setattr(sd.cli.generate, "_load", refuse)
+
+
+def _one_line_error(capsys, args) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(args))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("out, message", [
+    ("DIR", "is a folder; give a file name, e.g."),
+    ("DIR/picture", "has no extension; give an image file name, e.g."),
+    ("DIR/picture.xyz", "'.xyz' is not an image format PIL can write; use .png, .jpg or .webp"),
+    ("DIR/file.txt/picture.png", "file.txt' is a file, not a folder"),
+    ("/proc/sd-test/picture.png", "cannot write in '/proc'"),
+])
+def test_out_is_checked_before_generating(tmp_path, capsys, no_generation, out, message):
+    (tmp_path / "file.txt").write_text("not a folder")
+    out = out.replace("DIR", str(tmp_path))
+    err = _one_line_error(capsys, ["generate", "x", "--out", out])
+    assert err.startswith("python -m sd generate: error: argument --out:") and message in err, err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64), str(2**70), "abc", "1.5"])
+def test_seed_outside_the_generators_range_says_the_range(capsys, no_generation, seed):
+    err = _one_line_error(capsys, ["generate", "x", "--seed", seed])
+    assert f"argument --seed: expected an integer seed from 0 to 2**64-1 ({2**64 - 1}), got '{seed}'" in err
+
+
+def test_the_largest_seed_generates(checkpoint, tmp_path):
+    out = tmp_path / "max.png"
+    assert main(["generate", "x", "--checkpoint", str(checkpoint), "--steps", "1", "--size", "64",
+                 "--seed", str(2**64 - 1), "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--size", "4096"], "argument --size: expected an integer from 1 to 2048"),
+    (["generate", "x", "--height", "2049"], "argument --height: expected an integer from 1 to 2048"),
+    (["generate", "x", "--width", "0"], "argument --width: expected an integer from 1 to 2048"),
+    (["img2img", "in.png", "x", "--size", "3000"], "argument --size: expected an integer from 1 to 2048"),
+    (["generate", "x", "--num-images", "65"], "argument --num-images: expected an integer from 1 to 64"),
+])
+def test_sizes_and_image_counts_are_capped_at_what_the_cli_can_run(capsys, no_generation, args, message):
+    assert message in _one_line_error(capsys, args)
+
+
+@pytest.mark.parametrize("error, message", [
+    (ValueError("bad value\nsecond line"), "python -m sd generate: error: bad value"),
+    (TypeError("prompt must be a str"), "python -m sd generate: error: prompt must be a str"),
+    (FileNotFoundError("no such weights"), "python -m sd generate: error: no such weights"),
+    (OSError(28, "No space left on device"), "python -m sd generate: error: [Errno 28] No space left on device"),
+])
+def test_expected_errors_become_one_line_and_exit_2(monkeypatch, tmp_path, capsys, error, message):
+    def fail(args):
+        raise error
+    monkeypatch.setattr(sd.cli.generate, "_load", fail)
+    assert _one_line_error(capsys, ["generate", "x", "--out", str(tmp_path / "o.png")]) == message
+
+
+def test_ctrl_c_exits_130_with_one_line_and_debug_shows_the_traceback(monkeypatch, tmp_path, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sd.cli.generate, "_load", interrupted)
+    args = ["generate", "x", "--out", str(tmp_path / "o.png")]
+    assert main(args) == 130
+    assert capsys.readouterr().err == "python -m sd generate: error: interrupted (Ctrl-C)\n"
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--debug"])
+
+
+def test_debug_shows_the_traceback_of_an_expected_error(monkeypatch, tmp_path):
+    def fail(args):
+        raise ValueError("bad value")
+    monkeypatch.setattr(sd.cli.generate, "_load", fail)
+    with pytest.raises(ValueError, match="bad value"):
+        main(["generate", "x", "--out", str(tmp_path / "o.png"), "--debug"])
+
+
+def test_every_command_has_its_handler_and_the_sd_script_entry_point():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert set(commands) == {"generate", "img2img", "train", "evaluate"}
+    for name, parser in commands.items():
+        assert callable(parser.get_default("handler")), name
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert 'sd = "sd.cli:main"' in pyproject
+
+
+def test_a_broken_command_module_fails_loudly_not_as_an_invalid_choice():
+    """An import error in a command's dependencies stops the CLI with that error; no command silently vanishes."""
+    code = ("import sys; sys.modules['sd.training.evaluation'] = None\n"   # importing it now raises ImportError
+            "from sd.cli import main; main(['train', '--help'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "import of sd.training.evaluation halted" in result.stderr
+    assert "invalid choice" not in result.stderr

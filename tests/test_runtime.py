@@ -7,7 +7,7 @@ import torch
 import sd
 from sd.attention import SelfAttention
 from sd.cross_attention import CrossAttention
-from sd.runtime import Runtime, detect_runtime, savers_for
+from sd.runtime import Runtime, detect_runtime, resolve_device, savers_for
 
 GIB = 2**30
 
@@ -69,3 +69,22 @@ def test_dtype_can_be_forced_and_a_bad_value_says_what_is_expected(monkeypatch):
     monkeypatch.setenv("SD_DTYPE", "fp16")
     with pytest.raises(ValueError, match=r"\$SD_DTYPE must be one of float32, float16, bfloat16, got 'fp16'"):
         detect_runtime("cpu")
+
+
+def test_resolve_device_is_the_one_resolver_and_says_what_is_available(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be cpu, cuda, cuda:N or mps, got 'gpu'"):
+        resolve_device("gpu")
+    fake_gpu(monkeypatch, "NVIDIA L4", 8, 9, 22.0)
+    with pytest.raises(ValueError, match=r"device 'cuda:1': this machine has 1 CUDA device\(s\), cuda:0 to cuda:0"):
+        resolve_device("cuda:1")
+    assert detect_runtime("cuda").device == resolve_device("cuda") == torch.device("cuda")
+
+
+def test_under_torchrun_cuda_means_this_processs_gpu(monkeypatch):
+    fake_gpu(monkeypatch, "NVIDIA L4", 8, 9, 22.0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device(None) == resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)      # an explicit index is kept
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -166,7 +166,7 @@ def _free_port() -> int:
 def test_two_process_data_parallel_training_ends_with_identical_weights(tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU): DDP averages gradients, so both ranks hold the same weights."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "sd.cli.train", "train", "vae", "--preset", "tiny", "--image-size", str(IMAGE_SIZE),
+           "-m", "sd", "train", "vae", "--preset", "tiny", "--image-size", str(IMAGE_SIZE),
            "--dataset-size", "64", "--steps", "3", "--batch-size", "8", "--device", "cpu", "--threads", "1",
            "--out", str(tmp_path), "--save-all-ranks", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -19,7 +19,7 @@ from ..config import CLIPConfig, UNetConfig, VAEConfig
 from ..decoder import VAE_Decoder
 from ..encoder import VAE_Encoder
 from ..unet import DiffusionUNET
-from ..validation import resolve_device
+from ..runtime.device import resolve_device
 
 # Entries of a CompVis file that are not model weights: the noise schedule and training state.
 IGNORED_PREFIXES = ("model_ema.", "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus",

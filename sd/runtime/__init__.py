@@ -1,2 +1,2 @@
 """Where and how the models run: device and number format, memory savers, torch.compile, VAE tiling."""
-from .device import DTYPES, Runtime, detect_runtime, savers_for
+from .device import DTYPES, Runtime, detect_runtime, resolve_device, savers_for

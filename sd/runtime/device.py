@@ -1,5 +1,7 @@
 """Which machine the course runs on: the device, the number format, and the memory savers that fit its GPU.
 
+`resolve_device` is the package's one device resolver (generate, training, load_checkpoint all use it).
+
 The notebooks' set-up cell calls `detect_runtime()` once; `sd.course.load_course_model` applies the same choice.
 """
 from __future__ import annotations
@@ -8,8 +10,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-
-from ..validation import resolve_device
 
 # bfloat16 needs Ampere or newer (compute capability 8.0: A100, L4, H100, RTX 30xx); older GPUs (T4 is 7.5, V100
 # 7.0) emulate it slowly, so they get float16. Both halve the memory and the download of the weights.
@@ -22,6 +22,8 @@ OFFLOAD_BELOW_GIB = 6.0        # model CPU offload: the text encoder, UNet and V
 # Set to float32, float16 or bfloat16 to override the choice (e.g. float32 on a GPU to rule out precision issues).
 DTYPE_ENV = "SD_DTYPE"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# torchrun sets it to the process's index on its machine: the GPU that process trains on.
+LOCAL_RANK_ENV = "LOCAL_RANK"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,34 @@ class Runtime:
         savers = ", ".join(self.savers) or "none"
         return (f"GPU: {self.gpu_name}, {self.gpu_gib:.1f} GiB; {str(self.dtype).removeprefix('torch.')}; "
                 f"memory savers: {savers}")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The one device resolver: None (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N', 'mps' or a
+    torch.device -> a device this machine has; else one line saying what is available.
+
+    Under torchrun ($LOCAL_RANK set), 'cuda' without an index (and None on a GPU machine) means this process's GPU.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (no GPU, or a CPU-only "
+                             f"torch {torch.__version__}); use cpu")
+        if resolved.index is None and LOCAL_RANK_ENV in os.environ:
+            resolved = torch.device("cuda", int(os.environ[LOCAL_RANK_ENV]))
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: Apple's MPS is not available on this machine; use cpu")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
+    return resolved
 
 
 def savers_for(gib: float) -> tuple[str, ...]:

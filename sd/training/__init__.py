@@ -1,5 +1,8 @@
 """Training Stable Diffusion's three models on the shapes dataset: VAE, then text encoder, then UNet."""
-from .loop import EMA, TrainOptions, batch_indices, plot_losses, read_stage, train_loop
+from .distributed import close_distributed, init_distributed, rank_and_world
+from .interrupt import TrainingInterrupted
+from .loop import EMA, TrainOptions, batch_indices, plot_losses, train_loop
+from .stage_checkpoint import read_stage
 from .presets import PRESETS, Preset, get_preset
 from .stages import STAGES, make_dataset, train_all, train_stage
 from .text import ContrastivePair, contrastive_loss, learn_tokenizer, load_text_encoder, train_text_encoder

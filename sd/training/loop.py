@@ -1,5 +1,6 @@
 """The training loop every stage shares: seed, data parallelism, warmup + cosine learning rate, mixed precision,
-EMA, a progress bar with the loss, periodic safetensors checkpoints with resume, and a loss-curve plot.
+EMA, a progress bar with the loss, periodic safetensors checkpoints with resume, a checkpoint on Ctrl-C or SIGTERM,
+and a loss-curve plot.
 
 A stage gives `train_loop` a module holding its trainable models and a `step_loss(model, step, generator)`
 that draws its own batch; the loop does the rest. Under `torchrun --nproc_per_node N` every rank runs the
@@ -8,29 +9,29 @@ same loop on its own slice of each batch and DistributedDataParallel (PyTorch's 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..validation import resolve_device
+from ..runtime.device import resolve_device
+from .distributed import agree, rank_and_world, wait_for_all
+from .interrupt import StopRequests, TrainingInterrupted
+from .stage_checkpoint import load_optimizer, read_stage, remove_partial_saves, require_resumable, save_stage
 
-# Training-state entries in a stage checkpoint, beside the model weights.
-METADATA_KEY = "sd_training"
 WARMUP_STEPS = 50                  # linear learning-rate warmup (Goyal et al. 2017)
 MIN_LR_FRACTION = 0.1              # the cosine schedule ends at 10% of the peak rate (Loshchilov & Hutter 2017)
 GRAD_CLIP_NORM = 1.0
 EMA_DECAY = 0.999                  # UNet weight averaging, as SD's `use_ema` (there 0.9999 over far longer runs)
 EMA_WARMUP = 10                    # decay_t = min(EMA_DECAY, (1 + t) / (EMA_WARMUP + t)), so early averages move fast
 SEED_STRIDE = 1_000_003            # a prime to mix (seed, step, rank) into one generator seed
+SEED_MODULUS = 2**64               # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
 
 @dataclass
@@ -40,8 +41,8 @@ class TrainOptions:
     out_dir: str = "runs/shapes"
     steps: int | None = None       # stop after this many optimizer steps ...
     minutes: float | None = None   # ... or after this much wall-clock time (either or both)
-    batch_size: int = 64           # global batch: split over the ranks of a data-parallel run
-    lr: float | None = None        # peak learning rate; None: the stage's default
+    batch_size: int | None = None  # global batch, split over the ranks of a data-parallel run; None: the stage's
+    lr: float | None = None        # peak learning rate; None: the stage's default (both in stages.py)
     seed: int = 0
     resume: bool = False
     device: str | None = None      # default: CUDA when available, else CPU
@@ -56,33 +57,18 @@ class TrainOptions:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError(f"minutes must be positive, got {self.minutes!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive integer, got {self.checkpoint_every!r}")
 
 
-# --- data parallelism ----------------------------------------------------------------------------------------------
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group when run under torchrun (gloo on CPU, NCCL on GPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the running process group, (0, 1) outside one."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
+# --- which data each rank sees ------------------------------------------------------------------------------------
 
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def pick_device(device: str | None, rank: int = 0) -> torch.device:
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if torch.cuda.is_available() else "cpu"
-    return resolve_device(device)
 
 
 def batch_indices(n: int, global_batch: int, step: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -94,7 +80,7 @@ def batch_indices(n: int, global_batch: int, step: int, seed: int, rank: int = 0
         raise ValueError(f"batch size {global_batch} must be divisible by the number of processes {world}")
     per_epoch = max(1, n // global_batch)
     epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + epoch))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * SEED_STRIDE + epoch) % SEED_MODULUS))
     if global_batch > n:   # tiny datasets: draw with repetition
         order = order.repeat(math.ceil(global_batch / n))
     return order[k * global_batch:(k + 1) * global_batch][rank::world]
@@ -102,7 +88,7 @@ def batch_indices(n: int, global_batch: int, step: int, seed: int, rank: int = 0
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """The random numbers (noise, timesteps, caption dropout) of one step on one rank."""
-    return torch.Generator().manual_seed((seed * SEED_STRIDE + step) * 64 + rank)
+    return torch.Generator().manual_seed(((seed * SEED_STRIDE + step) * 64 + rank) % SEED_MODULUS)
 
 
 # --- EMA -----------------------------------------------------------------------------------------------------------
@@ -123,51 +109,7 @@ class EMA:
             avg.copy_(b)
 
 
-# --- checkpoints ---------------------------------------------------------------------------------------------------
-
-def save_stage(path: Path, model: nn.Module, meta: dict, optimizer=None, ema: EMA | None = None) -> None:
-    """One safetensors file: model.*, ema.* and optim.* tensors; step, losses and configs in the metadata."""
-    from safetensors.torch import save_file
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    if ema is not None:
-        tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
-    meta = dict(meta)
-    if optimizer is not None:
-        state = optimizer.state_dict()
-        for i, s in state["state"].items():
-            tensors.update({f"optim.{i}.{name}": torch.as_tensor(v) for name, v in s.items()})
-        meta["param_groups"] = state["param_groups"]
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
-    tmp.replace(path)     # never leave a half-written checkpoint behind
-
-
-def read_stage(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """A stage checkpoint -> ({'model': state, 'ema': state, 'optim': flat}, metadata)."""
-    from safetensors import safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no stage checkpoint at {path}: train that stage first (python -m sd train ...)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if METADATA_KEY not in meta:
-            raise ValueError(f"{path.name} is not a training checkpoint of this package (no `{METADATA_KEY}` metadata)")
-        parts: dict[str, dict] = {"model": {}, "ema": {}, "optim": {}}
-        for k in f.keys():
-            group, name = k.split(".", 1)
-            parts[group][name] = f.get_tensor(k)
-    return parts, json.loads(meta[METADATA_KEY])
-
-
-def _load_optimizer(optimizer, flat: dict, param_groups: list) -> None:
-    state: dict = {}
-    for k, v in flat.items():
-        i, name = k.split(".", 1)
-        state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
+# --- the loss curve ------------------------------------------------------------------------------------------------
 
 def plot_losses(losses: list[float], path: Path, title: str) -> Path | None:
     """Save the loss curve (raw and smoothed) as a PNG; returns None when matplotlib is missing."""
@@ -204,83 +146,99 @@ def train_loop(name: str, model: nn.Module, step_loss: Callable, opts: TrainOpti
                use_ema: bool = False, weight_decay: float = 0.0, finish: Callable | None = None) -> dict:
     """Train `model` with step_loss(model, step, generator) -> scalar loss; returns the run's summary.
 
-    Writes <out_dir>/<name>.safetensors every opts.checkpoint_every steps and at the end (rank 0), and
-    <name>_loss.png. With opts.resume, continues from that checkpoint. finish(model) -> dict runs after the
-    last step and adds its entries to the checkpoint's metadata (e.g. a measured latent scale). The result holds the trained `model`
-    (plain, not DDP-wrapped), `ema` (or None), `losses`, `steps`, `seconds`.
+    Writes <out_dir>/<name>.safetensors every opts.checkpoint_every steps, at the end and when Ctrl-C or SIGTERM
+    stops the run (rank 0; then TrainingInterrupted is raised), and <name>_loss.png. With opts.resume, continues
+    from that checkpoint, or starts at step 0 (and says so) when there is none. finish(model) -> dict runs after
+    the last step and adds its entries to the checkpoint's metadata (e.g. a measured latent scale). The result
+    holds the trained `model` (plain, not DDP-wrapped), `ema` (or None), `losses`, `steps`, `seconds`.
     """
-    rank, world = distributed()
-    device = pick_device(opts.device, rank)
-    torch.manual_seed(opts.seed)
+    # 1. options first: nothing is moved, read or written for a run that cannot start
+    if opts.lr is None or opts.batch_size is None:
+        raise ValueError("TrainOptions.lr and batch_size must be set for train_loop (train_stage fills in each "
+                         f"stage's defaults), got lr={opts.lr!r}, batch_size={opts.batch_size!r}")
+    rank, world = rank_and_world()
+    device = resolve_device(opts.device)
     out = Path(opts.out_dir)
     ckpt = out / f"{name}.safetensors"
+
+    # 2. the model, its optimizer and EMA, and the state of an earlier run when resuming
+    torch.manual_seed(opts.seed)
     model.to(device)
-    if opts.lr is None:
-        raise ValueError("TrainOptions.lr must be set for train_loop (train_stage fills in each stage's default)")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.lr,
                                   weight_decay=weight_decay)
     ema = EMA(model) if use_ema else None
+    if rank == 0:
+        for path in remove_partial_saves(out, name):
+            print(f"removed {path}, left by an interrupted save")
     step, losses, seconds_before = 0, [], 0.0
     if opts.resume and ckpt.is_file():
         parts, saved = read_stage(ckpt)
+        require_resumable(ckpt, saved, name, meta)
         model.load_state_dict(parts["model"])
         if ema is not None and parts["ema"]:
             ema.model.load_state_dict(parts["ema"])
         if parts["optim"]:
-            _load_optimizer(optimizer, parts["optim"], saved["param_groups"])
+            load_optimizer(optimizer, parts["optim"], saved["param_groups"])
         step, losses, seconds_before = saved["step"], saved["losses"], saved.get("seconds", 0.0)
-        if rank == 0 and opts.progress:
-            print(f"resuming {name} from step {step} ({ckpt})")
+        if rank == 0:
+            print(f"resuming {name} from step {step} ({ckpt})", flush=True)
+    elif opts.resume and rank == 0:
+        print(f"--resume: no checkpoint at {ckpt} yet, training {name} from step 0", flush=True)
+
+    def save(path: Path, seconds: float, with_optimizer: bool = True) -> None:
+        state = {**meta, "stage": name, "step": step, "losses": losses, "seconds": seconds, "world_size": world,
+                 "options": asdict(opts)}
+        save_stage(path, model, state, optimizer if with_optimizer else None, ema.model if ema else None)
+
+    # 3. the steps, until the step or time budget is spent or a stop is requested
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     use_amp = device.type == "cuda"   # mixed precision on GPUs: bfloat16 matmuls, float32 weights
     budget = opts.minutes * 60 if opts.minutes is not None else math.inf
     bar = tqdm(total=opts.steps, initial=step, desc=f"train {name}", disable=not opts.progress or rank > 0)
-
-    def checkpoint(final: bool = False):
-        state = {**meta, "stage": name, "step": step, "losses": losses, "seconds": seconds_before + elapsed,
-                 "world_size": world, "options": asdict(opts)}
-        if rank == 0:
-            save_stage(ckpt, model, state, optimizer, ema)
-        if final and opts.save_all_ranks:
-            save_stage(out / f"{name}_rank{rank}.safetensors", model, state)
-
-    start, elapsed = time.time(), 0.0
+    start = time.time()
     model.train()
-    while opts.steps is None or step < opts.steps:
-        # every rank must agree on the time (for the stop and the learning rate): take rank 0's clock
-        clock = torch.tensor([time.time() - start], dtype=torch.float64)
-        if world > 1:
-            dist.broadcast(clock, 0)
-        elapsed = float(clock)
-        if seconds_before + elapsed >= budget:
-            break
-        progress = max(step / opts.steps if opts.steps else 0.0, (seconds_before + elapsed) / budget)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(opts.lr, step, progress)
-        generator = step_generator(opts.seed, step, rank)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = step_loss(trained, step, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-        optimizer.step()
-        if ema is not None:
-            ema.update(model, step)
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
-        if step % opts.checkpoint_every == 0:
-            checkpoint()
-    bar.close()
-    elapsed = time.time() - start
+    with StopRequests() as stop:
+        while opts.steps is None or step < opts.steps:
+            # every rank must take the same decisions (stop, learning rate): agree on the clock and the signal
+            elapsed, signum = agree(time.time() - start, stop.signum or 0)
+            if signum or seconds_before + elapsed >= budget:
+                break
+            progress = max(step / opts.steps if opts.steps else 0.0, (seconds_before + elapsed) / budget)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(opts.lr, step, progress)
+            generator = step_generator(opts.seed, step, rank)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = step_loss(trained, step, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+            optimizer.step()
+            if ema is not None:
+                ema.update(model, step)
+            step += 1
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+            if step % opts.checkpoint_every == 0 and rank == 0:
+                save(ckpt, seconds_before + time.time() - start)
+        bar.close()
+        seconds = seconds_before + time.time() - start
+        if signum:   # 4a. stopped by a signal: save this step (still inside StopRequests, so the save completes)
+            if rank == 0:
+                save(ckpt, seconds)
+            wait_for_all()      # no process exits before rank 0's save is complete
+            raise TrainingInterrupted(f"{signal.Signals(int(signum)).name} stopped {name} at step {step}; saved "
+                                      f"{ckpt}; continue with --resume", int(signum))
+
+    # 4b. finished: the stage's measurements, the final checkpoint, the loss plot
     model.eval()
     if finish is not None:
         meta = {**meta, **finish(model)}
-    checkpoint(final=True)
     if rank == 0:
+        save(ckpt, seconds)
         plot_losses(losses, out / f"{name}_loss.png", f"{name}: {step} steps")
-    if world > 1:
-        dist.barrier()
-    return {"model": model, "ema": ema, "losses": losses, "steps": step, "seconds": seconds_before + elapsed,
+    if opts.save_all_ranks:
+        save(out / f"{name}_rank{rank}.safetensors", seconds, with_optimizer=False)
+    wait_for_all()
+    return {"model": model, "ema": ema, "losses": losses, "steps": step, "seconds": seconds,
             "rank": rank, "world": world, "device": device, "checkpoint": ckpt}

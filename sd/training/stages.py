@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from ..runtime.device import resolve_device
 from .data import ShapesDataset
-from .loop import TrainOptions, pick_device, rank_and_world
+from .loop import TrainOptions
 from .presets import get_preset
 from .text import load_text_encoder, train_text_encoder
 from .unet import train_unet
@@ -22,6 +24,8 @@ STAGES = ("vae", "text", "unet")
 BUDGET_SHARE = {"vae": 0.3, "text": 0.05, "unet": 0.65}
 # Learning rates (AdamW) that worked for these small models: the autoencoder and CLIP like more than the UNet.
 LEARNING_RATES = {"vae": 2e-3, "text": 1e-3, "unet": 1e-3}
+# Global batch sizes of the shipped model's run (README); the contrastive loss sees more pairs in a larger batch.
+BATCH_SIZES = {"vae": 64, "text": 128, "unet": 128}
 DEFAULT_DATASET_SIZE = 20_000
 
 
@@ -37,8 +41,8 @@ def train_stage(stage: str, opts: TrainOptions, preset: str = "small", dataset: 
         raise ValueError(f"stage must be one of {STAGES} (or 'all'), got {stage!r}")
     p = get_preset(preset)
     torch.manual_seed(opts.seed)          # the same initial weights for the same seed (and on every rank)
-    if opts.lr is None:
-        opts = dataclasses.replace(opts, lr=LEARNING_RATES[stage])
+    opts = dataclasses.replace(opts, lr=opts.lr or LEARNING_RATES[stage],
+                               batch_size=opts.batch_size or BATCH_SIZES[stage])
     dataset = dataset or make_dataset(image_size, seed=opts.seed)
     out = Path(opts.out_dir)
     if stage == "vae":
@@ -47,19 +51,25 @@ def train_stage(stage: str, opts: TrainOptions, preset: str = "small", dataset: 
         return train_text_encoder(dataset, p.clip, p.image_encoder_width, p.embed_dim, p.num_merges, opts)
     encoder, decoder = load_vae(out / "vae.safetensors")
     clip, tokenizer = load_text_encoder(out / "text.safetensors")
-    device = pick_device(opts.device, rank_and_world()[0])
+    device = resolve_device(opts.device)
     for m in (encoder, decoder, clip):
         m.to(device)
     return train_unet(dataset, p.unet, encoder, decoder, clip, tokenizer, opts)
 
 
 def train_all(opts: TrainOptions, preset: str = "small", image_size: int = 32,
-              dataset_size: int = DEFAULT_DATASET_SIZE) -> dict[str, dict]:
-    """VAE, then text encoder, then UNet; a time budget (opts.minutes) is shared as BUDGET_SHARE says."""
+              dataset_size: int = DEFAULT_DATASET_SIZE,
+              report: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+    """VAE, then text encoder, then UNet; a time budget (opts.minutes) is shared as BUDGET_SHARE says.
+
+    report(stage, run), when given, is called as each stage ends (the command line prints its figures).
+    """
     dataset = make_dataset(image_size, dataset_size, opts.seed)
     runs = {}
     for stage in STAGES:
         stage_opts = dataclasses.replace(
             opts, minutes=None if opts.minutes is None else opts.minutes * BUDGET_SHARE[stage])
         runs[stage] = train_stage(stage, stage_opts, preset, dataset, image_size)
+        if report is not None:
+            report(stage, runs[stage])
     return runs

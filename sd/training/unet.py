@@ -10,23 +10,24 @@ so the same UNet also learns the unconditional prediction that classifier-free g
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..io.checkpoint import save_checkpoint
 from ..clip import CLIP
 from ..config import UNetConfig
-from .data import ShapesDataset
 from ..decoder import VAE_Decoder
 from ..diffusion import DiffusionScheduler
 from ..encoder import VAE_Encoder
+from ..io.checkpoint import save_checkpoint
 from ..tokenizer import CLIPTokenizer
 from ..unet import DiffusionUNET
-from .loop import TrainOptions, batch_indices, device_of, rank_and_world, read_stage, train_loop
+from .data import ShapesDataset
+from .distributed import rank_and_world
+from .loop import TrainOptions, batch_indices, device_of, train_loop
+from .stage_checkpoint import read_stage
 
 # Classifier-free guidance training: drop the caption 10% of the time (Ho & Salimans 2022, sec. 3.2; SD uses 10%).
 CAPTION_DROPOUT = 0.1
@@ -117,7 +118,3 @@ def load_unet(path, ema: bool = True) -> DiffusionUNET:
     unet.load_state_dict(parts["ema"] if ema and parts["ema"] else parts["model"])
     return unet.eval()
 
-
-def half_copy(module):
-    """A float16 copy, to ship a model at half the size (it is cast back to float32 on loading)."""
-    return copy.deepcopy(module).half()

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
-from .data import ShapesDataset
 from ..decoder import VAE_Decoder
 from ..encoder import VAE_Encoder
-from .loop import TrainOptions, batch_indices, device_of, rank_and_world, read_stage, train_loop
+from .data import ShapesDataset
+from .distributed import rank_and_world
+from .loop import TrainOptions, batch_indices, device_of, train_loop
+from .stage_checkpoint import read_stage
 
 KL_WEIGHT = 1e-6            # SD's autoencoder config (first_stage_config: kl_weight 1e-6)
 EDGE_WEIGHT = 4.0           # extra weight on pixels where the image changes (the shape's outline)

@@ -1,0 +1,34 @@
+"""`python -m sd evaluate`: the prompt accuracy of a trained shapes model, judged by an attribute classifier."""
+from __future__ import annotations
+
+import json
+
+from ..io.checkpoint import load_checkpoint
+from ..training.evaluation import DEFAULT_GUIDANCE, DEFAULT_PER_PROMPT, DEFAULT_STEPS, evaluate_model, format_report
+from .arguments import add_device_option, positive_int, random_seed
+
+
+def add_parser(sub) -> None:
+    """Add `evaluate` to the subcommands."""
+    p = sub.add_parser("evaluate", help="prompt accuracy of a model on the shapes prompts",
+                       description="Generate images for a fixed prompt set (seen and held-out attribute "
+                                   "combinations), judge them with an attribute classifier, print the accuracy.")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a model.safetensors (default: the shipped model)")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
+    p.add_argument("--cfg", type=float, default=DEFAULT_GUIDANCE, metavar="SCALE",
+                   help=f"guidance scale of the guided run (default {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--per-prompt", type=positive_int, default=DEFAULT_PER_PROMPT,
+                   help=f"images per prompt (default {DEFAULT_PER_PROMPT})")
+    p.add_argument("--seed", type=random_seed, default=0, help="noise seed, 0 .. 2**64-1 (default 0)")
+    add_device_option(p)
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    p.set_defaults(handler=run_evaluate)
+
+
+def run_evaluate(args) -> None:
+    """Handler of `evaluate`: prompt accuracy with and without guidance, and the VAE's PSNR."""
+    model = load_checkpoint(args.checkpoint, device=args.device, dtype=None)
+    report = evaluate_model(model, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                            per_prompt=args.per_prompt, seed=args.seed)
+    print(json.dumps(report) if args.json else format_report(report))

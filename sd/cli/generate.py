@@ -1,0 +1,99 @@
+"""`python -m sd generate "a prompt"` and `python -m sd img2img in.png "a prompt"`: images from the loaded model."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from ..io.checkpoint import load_checkpoint
+from ..runtime.device import DTYPES, detect_runtime
+from ..samplers import SAMPLERS
+from .arguments import add_device_option, image_count, image_path, image_side, positive_int, random_seed
+
+
+def _common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="SD v1.x weights: a .safetensors/.ckpt file or a diffusers folder; "
+                        "default: the project's small model trained on shapes (see README)")
+    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt: what to steer away from")
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps, 1..1000 (default 50)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler (default ddim)")
+    p.add_argument("--cfg", type=float, default=7.5, metavar="SCALE",
+                   help="classifier-free guidance scale; <= 1 turns guidance off (default 7.5)")
+    p.add_argument("--seed", type=random_seed, default=None,
+                   help="random seed, 0 .. 2**64-1: the same seed gives the same image")
+    p.add_argument("--num-images", type=image_count, default=1, help="images per prompt, up to 64 (default 1)")
+    p.add_argument("--out", type=image_path, default="image.png", metavar="FILE",
+                   help="where to save the image (.png, .jpg, ...); several images get _0, _1, ... "
+                        "(default image.png)")
+    add_device_option(p)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="number format of the text encoder and UNet (default: float16 on a T4, bfloat16 on newer "
+                        "GPUs, float32 on a CPU); the VAE always decodes in float32")
+
+
+def add_parser(sub) -> None:
+    """Add `generate` (text to image) and `img2img` (image to image) to the subcommands."""
+    gen = sub.add_parser("generate", help="text to image", description="Make an image from a text prompt.")
+    gen.add_argument("prompt", help='what to draw, e.g. "a red circle on a blue background"')
+    _common_options(gen)
+    gen.add_argument("--size", type=image_side, default=None, metavar="PIXELS",
+                     help="image width and height, a multiple of 64 up to 2048 (default: the model's native size, "
+                          "512 for SD v1.5)")
+    gen.add_argument("--height", type=image_side, default=None, help="image height (overrides --size)")
+    gen.add_argument("--width", type=image_side, default=None, help="image width (overrides --size)")
+    gen.set_defaults(handler=run_generate)
+
+    i2i = sub.add_parser("img2img", help="image to image",
+                         description="Repaint an image following a prompt (SDEdit): noise it, then denoise.")
+    i2i.add_argument("input", help="the starting image (PNG, JPEG, ...)")
+    i2i.add_argument("prompt", help="what the result should show")
+    _common_options(i2i)
+    i2i.add_argument("--strength", type=float, default=0.8,
+                     help="how much to repaint, in (0, 1]: 0.3 keeps the layout, 1.0 ignores the input (default 0.8)")
+    i2i.add_argument("--size", type=image_side, default=None, metavar="PIXELS",
+                     help="resize the input to this square size, up to 2048 (default: keep the input's size)")
+    i2i.set_defaults(handler=run_img2img)
+
+
+def _load(args):
+    """The checkpoint on the device, number format and memory savers this machine calls for (sd/runtime/device.py)."""
+    runtime = detect_runtime(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else runtime.dtype
+    return runtime.apply(load_checkpoint(args.checkpoint, device=runtime.device, dtype=dtype))
+
+
+def _save(images: list[Image.Image], out: Path) -> list[Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    return paths
+
+
+def _generate_and_save(args, **inputs) -> None:
+    pipe = _load(args)
+    start = time.perf_counter()
+    images = pipe.generate(args.prompt, args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                           sampler=args.sampler, seed=args.seed, num_images=args.num_images, **inputs)
+    seconds = time.perf_counter() - start
+    for path in _save(images, args.out):
+        print(f"saved {path} ({images[0].size[0]}x{images[0].size[1]}, {args.steps} {args.sampler} steps, "
+              f"cfg {args.cfg}, {seconds:.1f} s)")
+
+
+def run_generate(args) -> None:
+    """Handler of `generate`."""
+    _generate_and_save(args, height=args.height or args.size, width=args.width or args.size)
+
+
+def run_img2img(args) -> None:
+    """Handler of `img2img`: the input image is read before the model is loaded."""
+    try:
+        init = Image.open(args.input)
+        init.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the input image {args.input}: {e}") from None
+    _generate_and_save(args, init_image=init, strength=args.strength, height=args.size, width=args.size)
