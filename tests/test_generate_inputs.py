@@ -131,3 +131,12 @@ def test_to_pil_names_its_range():
     assert to_pil(signed.clamp(0, 1), UNIT)[0].getpixel((0, 0)) == (0, 0, 255)
     with pytest.raises(ValueError, match="value_range"):
         to_pil(signed, (0, 255))
+
+
+def test_cli_huge_guidance_is_one_line_and_exit_2_with_no_picture_written(tmp_path, capsys):
+    from sd.cli import main
+    out = tmp_path / "image.png"
+    assert main(["generate", PROMPT, "--cfg", "1e30", "--steps", "2", "--seed", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m sd generate: error: the latents became NaN or infinite")
+    assert not out.exists()

@@ -18,7 +18,7 @@ from .arguments import OneLineParser
 PROG = "python -m sd"
 COMMANDS = (generate, train, evaluate)
 # Errors a user can cause (bad input, a missing or unreadable file, no space left): one line, not a traceback.
-EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
+EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError, FloatingPointError)
 USAGE_ERROR = 2           # argparse's exit code for bad arguments, used for every expected error
 SIGNAL_EXIT_BASE = 128    # the shell's convention: a process ended by signal N exits with 128 + N (Ctrl-C: 130)
 
