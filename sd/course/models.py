@@ -1,9 +1,20 @@
 """Which trained model the notebooks use: real SD v1.5 when at hand, else the project's own small model."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
+
+from ..clip import CLIP
+from ..decoder import VAE_Decoder
+from ..encoder import VAE_Encoder
+from ..io import checkpoint
+from ..pipeline import StableDiffusion
+from ..runtime.device import detect_runtime
+from ..tokenizer import CLIPTokenizer
+from ..training.presets import get_preset
+from ..unet import DiffusionUNET
 
 # Where real weights come from: a path in this environment variable, else the Hub (on a GPU, e.g. Colab).
 CHECKPOINT_ENV = "SD_CHECKPOINT"
@@ -16,14 +27,13 @@ def load_course_model(device: str | torch.device | None = None, allow_download: 
     Order: $SD_CHECKPOINT (a local SD v1.x file or folder); SD v1.5 from the Hugging Face Hub (cache or download,
     tried on a GPU only: on a CPU it is too slow to be useful in a notebook); the project's small shapes model.
     """
-    from ..io.checkpoint import DEFAULT_MODEL, load_checkpoint
-    from ..runtime.device import detect_runtime
     runtime = detect_runtime(device)   # float16 / bfloat16 and memory savers on a GPU, float32 on a CPU
     device = runtime.device
     if allow_download is None:
         allow_download = device.type == "cuda"
+
     def load(source=None):
-        return runtime.apply(load_checkpoint(source, device=device, dtype=runtime.dtype))
+        return runtime.apply(checkpoint.load_checkpoint(source, device=device, dtype=runtime.dtype))
 
     path = os.environ.get(CHECKPOINT_ENV)
     if path:
@@ -36,7 +46,7 @@ def load_course_model(device: str | torch.device | None = None, allow_download: 
             return pipe
         except ValueError as e:
             print(f"SD v1.5 is not reachable ({str(e)[:120]}...); falling back to the project's small model.")
-    if DEFAULT_MODEL.is_file():
+    if checkpoint.DEFAULT_MODEL.is_file():   # read at call time: tests point it elsewhere
         print("Using the project's own small model, trained on the shapes dataset (no SD v1.5 weights here; "
               f"set ${CHECKPOINT_ENV} to a checkpoint to use them).")
         return load()
@@ -48,15 +58,6 @@ def load_course_model(device: str | torch.device | None = None, allow_download: 
 def untrained_model(device: str | torch.device = "cpu", image_size: int = 32, seed: int = 0):
     """The small model's shapes with random weights (its pictures are noise): the notebooks' stand-in when no
     trained model is at hand, so that every cell still runs the same code."""
-    import dataclasses
-
-    from .. import CLIP
-    from .. import CLIPTokenizer
-    from .. import DiffusionUNET
-    from .. import VAE_Decoder
-    from .. import VAE_Encoder
-    from ..pipeline import StableDiffusion
-    from ..training.presets import get_preset
     small = get_preset("small")
     unet_config = dataclasses.replace(small.unet, sample_size=image_size // small.vae.downsample_factor)
     with torch.random.fork_rng(devices=[]):
