@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapters import lora, lora_files, textual_inversion
 from .validation import nearest_multiples
 from .diffusion import DiffusionScheduler
 
@@ -210,6 +211,37 @@ class StableDiffusion:
                 init_latents=init_latents, strength=strength, callback=callback, progress=progress)
         images = self.decode(out)                      # (B, 3, H, W) in [0, 1]
         return images if output_type == "pt" else to_pil(images)
+
+    # --- adapters and editing: the logic lives in sd/adapters/ and sd/editing/ ---------------------------------
+    def load_lora_weights(self, path, scale: float = 1.0) -> dict[str, int]:
+        """Add a LoRA file (diffusers/PEFT or kohya layout) to the UNet and text encoder; returns layers per model."""
+        return lora_files.load_lora_weights(self, path, scale)
+
+    def save_lora_weights(self, path):
+        """Write the LoRAs of the UNet and text encoder to a .safetensors file."""
+        return lora_files.save_lora_weights(self, path)
+
+    def fuse_lora(self) -> None:
+        """Fold every LoRA into its layer's weights (faster sampling; the LoRA can no longer be removed)."""
+        lora.fuse_lora(self.unet), lora.fuse_lora(self.clip)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every (unfused) LoRA: the original layers come back."""
+        lora.unload_lora(self.unet), lora.unload_lora(self.clip)
+
+    def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
+        """Teach the tokenizer and text encoder the word of a textual-inversion file; returns the tokens added."""
+        return textual_inversion.load_textual_inversion(self, path, token)
+
+    def invert(self, image, prompt: str = "", num_inference_steps: int = 50, guidance_scale: float = 1.0, **kwargs):
+        """DDIM inversion: the noise x_T from which generate(prompt, latents=x_T, sampler="ddim") redraws the image."""
+        from .editing.inversion import invert
+        return invert(self, image, prompt, num_inference_steps, guidance_scale, **kwargs)
+
+    def inpaint(self, prompt, init_image, mask_image, negative_prompt="", **kwargs):
+        """Repaint the white part of mask_image in init_image (latent blending, sd/editing/inpaint.py)."""
+        from .editing.inpaint import inpaint
+        return inpaint(self, prompt, init_image, mask_image, negative_prompt, **kwargs)
 
 
 def to_pil(images: torch.Tensor) -> list:

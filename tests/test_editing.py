@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import sd
+from sd.cli import OneLineParser
+from sd.cli.inpaint import add_parser
 from sd.editing.guidance import colour_loss, generate_with_loss, loss_guidance
 from sd.editing.inpaint import inpaint, latent_mask, mask_to_tensor
 from sd.editing.interpolation import interpolate, lerp, slerp
@@ -107,7 +109,7 @@ def test_inversion_then_generation_redraws_the_image_better_with_more_steps(ship
     image, caption = picture
     scores = {}
     for steps in (10, 25):
-        x_T = invert(shipped, image, caption, num_inference_steps=steps, progress=False)
+        x_T = shipped.invert(image, caption, num_inference_steps=steps, progress=False)
         redrawn = shipped.generate(caption, latents=x_T, sampler="ddim", guidance_scale=1.0,
                                    num_inference_steps=steps, output_type="pt", progress=False)
         scores[steps] = psnr(redrawn, as_tensor(image))
@@ -164,3 +166,30 @@ def test_colour_guidance_pulls_the_image_towards_the_colour(shipped):
                   ).mean().item() for scale in (0.0, 2000.0)]
     # measured at 20 steps: 0.58 without guidance, 0.034 with scale 2000
     assert distances[1] < 0.5 * distances[0]
+
+
+# --- the command line -----------------------------------------------------------------------------------------
+def inpaint_command(argv):
+    parser = OneLineParser(prog="python -m sd")
+    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+def test_inpaint_command_writes_the_repainted_image(picture, tmp_path, capsys):
+    from PIL import Image
+    picture[0].save(tmp_path / "in.png")
+    Image.fromarray((RIGHT_HALF * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    inpaint_command(["inpaint", str(tmp_path / "in.png"), str(tmp_path / "mask.png"), "a red circle",
+                     "--steps", "2", "--seed", "0", "--device", "cpu", "--keep-original-pixels",
+                     "--out", str(tmp_path / "out.png")])
+    out = as_tensor(Image.open(tmp_path / "out.png"))
+    kept = torch.from_numpy(RIGHT_HALF == 0)
+    assert out.shape == (1, 3, SIZE, SIZE) and "inpainted" in capsys.readouterr().out
+    assert torch.allclose(out[..., kept], as_tensor(picture[0])[..., kept], atol=1 / 255)
+
+
+def test_inpaint_command_says_which_file_it_cannot_read(picture, tmp_path):
+    picture[0].save(tmp_path / "in.png")
+    with pytest.raises(ValueError, match="cannot read the mask"):
+        inpaint_command(["inpaint", str(tmp_path / "in.png"), str(tmp_path / "missing.png"), "x"])

@@ -8,7 +8,7 @@ from torch import nn
 
 import sd
 from sd.adapters.lora import LoRALayer, add_lora, fuse_lora, lora_layers, set_lora_scale, unload_lora
-from sd.adapters.lora_files import kohya_to_module_path, load_lora_weights, read_lora_file, save_lora_weights
+from sd.adapters.lora_files import kohya_to_module_path, load_lora_weights, read_lora_file
 from tests.reference import reference_and_ours, rel_err
 
 TOL = 1e-5          # relative to the output scale, as the model parity tests
@@ -176,10 +176,10 @@ def test_saved_lora_loads_back_with_the_same_outputs(models, tmp_path):
     for layer in [*lora_layers(pipe.unet).values(), *lora_layers(pipe.clip).values()]:
         nn.init.normal_(layer.lora_B.weight, std=0.1)
     expected = outputs(pipe, "ours")
-    path = save_lora_weights(pipe, tmp_path / "mine.safetensors")
-    unload_lora(pipe.unet), unload_lora(pipe.clip)
+    path = pipe.save_lora_weights(tmp_path / "mine.safetensors")
+    pipe.unload_lora_weights()
     assert rel_err(outputs(pipe, "ours")[0], expected[0]) > 1e-3
-    load_lora_weights(pipe, path)
+    pipe.load_lora_weights(path)
     got = outputs(pipe, "ours")
     assert rel_err(got[0], expected[0]) < TOL and rel_err(got[1], expected[1]) < TOL
 

@@ -72,7 +72,7 @@ def test_embedding_gives_diffusers_text_encoder_outputs(pipes, tmp_path, writer,
 
 def test_prompt_ids_hold_all_vectors_of_the_word(pipes, tmp_path):
     _, pipe = pipes
-    load_textual_inversion(pipe, write_diffusers(tmp_path / "e.safetensors", "<t>", vectors(3)))
+    pipe.load_textual_inversion(write_diffusers(tmp_path / "e.safetensors", "<t>", vectors(3)))
     ids = pipe.tokenizer.encode("a <t>_1 and <T>")              # the prompt is lowercased as CLIP does
     first = pipe.tokenizer.vocab["<t>"]
     assert ids[1:-1] == [pipe.tokenizer.encode("a")[1], first + 1, pipe.tokenizer.encode("and")[1],
