@@ -236,6 +236,8 @@ def test_old_diffusers_names_are_read(tmp_path):
      "another model family"),
     ({"lora_unet_down_blocks_0_attentions_7_proj_in.lora_down.weight": torch.zeros(4, 32, 1, 1),
       "lora_unet_down_blocks_0_attentions_7_proj_in.lora_up.weight": torch.zeros(32, 4, 1, 1)}, "matches no layer"),
+    ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 64),
+      "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(64, 4)}, "CompVis block names, as in SDXL"),
     ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32, 1, 1)}, r"no up \(B\)"),
     ({"model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.zeros(4)}, "neither a diffusers"),
 ])

@@ -37,7 +37,10 @@ OTHER_FAMILY_MARKS = ("lora_te2_", "text_encoder_2.", "add_embedding", "label_em
 # Module names that contain "_": kohya's flattened names are made dotted again except inside these.
 COMPOUND_NAMES = ("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
                   "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "time_embedding",
-                  "linear_1", "linear_2", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj")
+                  "linear_1", "linear_2", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
+                  "input_blocks", "middle_block", "output_blocks")
+# CompVis block names: kohya writes them for SDXL (its own sgm UNet); for SD v1.x it writes diffusers' names.
+COMPVIS_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 # diffusers' key endings -> which LoRA matrix (down = A, up = B), all layouts.
 DIFFUSERS_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
                    "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up", "alpha": "alpha"}
@@ -166,7 +169,9 @@ def load_lora_weights(pipe, path: str | Path, scale: float = 1.0) -> dict[str, i
             try:
                 layer = models[model].get_submodule(name)
             except AttributeError:
-                raise ValueError(f"{where}: matches no layer of the {model} (looked for {name!r})") from None
+                hint = " (CompVis block names, as in SDXL files: SD v1.x LoRAs use diffusers' names)" \
+                    if module_path.startswith(COMPVIS_BLOCKS) else ""
+                raise ValueError(f"{where}: matches no layer of the {model} (looked for {name!r}){hint}") from None
             if not isinstance(innermost(layer), (nn.Linear, nn.Conv2d)):
                 raise ValueError(f"{where}: {name!r} is a {type(layer).__name__}, not a Linear or Conv2d layer")
             planned.append((model, name, w, _check_shapes(layer, w, where)))
