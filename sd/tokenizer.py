@@ -216,12 +216,13 @@ class CLIPTokenizer:
     def add_token(self, word: str, num_vectors: int = 1) -> list[int]:
         """Add `word` (e.g. "<cat-toy>") as num_vectors new ids; then `word` in a prompt gives all of them.
 
-        As diffusers' textual inversion: the extra vectors are the tokens `word_1`, `word_2`, ..., each also usable alone.
+        As in diffusers' textual inversion, the extra vectors are the tokens `word_1`, `word_2`, ..., usable alone too.
         """
         names = [word] + [f"{word}_{i}" for i in range(1, num_vectors)]
         taken = [n for n in names if n in self.vocab or clean_text(n) in self.added_tokens]
         if not word.strip() or taken:
-            raise ValueError(f"cannot add token {word!r}: " + (f"{taken} already in the vocabulary" if taken else "empty"))
+            reason = f"{taken} already in the vocabulary" if taken else "it is empty"
+            raise ValueError(f"cannot add token {word!r}: {reason}")
         ids = list(range(len(self.vocab), len(self.vocab) + len(names)))
         for name, i in zip(names, ids):
             self.vocab[name], self.id_to_token[i] = i, name

@@ -118,7 +118,7 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
 
 @torch.no_grad()
 def fuse_lora(model: nn.Module) -> int:
-    """Fold every LoRA into its layer's weight (W += scale * alpha / r * B A) and drop the wrappers; returns how many."""
+    """Fold every LoRA into its layer's weight (W += scale * alpha / r * B A), drop the wrappers; returns how many."""
     layers = lora_layers(model)
     for name, layer in layers.items():
         base = layer

@@ -60,7 +60,11 @@ class LoRAWeights:
 
 
 def kohya_to_module_path(stem: str) -> str:
-    """`down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q` -> `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`."""
+    """kohya's flat name -> diffusers' module path.
+
+    `down_blocks_0_attentions_1_proj_in` -> `down_blocks.0.attentions.1.proj_in`: every "_" becomes ".", except
+    inside the compound names of COMPOUND_NAMES.
+    """
     path = stem.replace("_", ".")
     for name in COMPOUND_NAMES:
         path = re.sub(rf"(?<![^.]){re.escape(name.replace('_', '.'))}(?![^.])", name, path)

@@ -5,7 +5,7 @@ are those rows. A file may hold several vectors for one word: `<t>` then stands 
 
 Files people download (the ones diffusers' `load_textual_inversion` reads):
 - diffusers: `learned_embeds.bin` / `.safetensors` = {"<token>": tensor (D,) or (n, D)};
-- A1111 `.pt`: {"string_to_param": {"*": tensor (n, D)}, "name": ..., ...} (read with weights_only, never unpickled code);
+- A1111 `.pt`: {"string_to_param": {"*": tensor (n, D)}, "name": ..., ...} (read with weights_only: no code runs);
 - A1111 `.safetensors`: {"emb_params": tensor (n, D)}, the word being the file's name.
 """
 from __future__ import annotations

@@ -41,7 +41,7 @@ def image_size(image) -> tuple[int, int]:
 
 
 def mask_to_tensor(mask, size: tuple[int, int], expected: tuple[int, int]) -> torch.Tensor:
-    """A mask (PIL image, (H, W) array in [0, 1] or uint8) of the image's size -> (1, 1, H, W) of 0. and 1. at `size`."""
+    """A mask (PIL image, (H, W) array in [0, 1] or uint8) of the image's size -> (1, 1, H, W) of 0/1 at `size`."""
     if image_size(mask) != expected:
         raise ValueError(f"mask_image must have the init image's size {expected[0]}x{expected[1]} (width x height), "
                          f"got {image_size(mask)[0]}x{image_size(mask)[1]}")
@@ -76,7 +76,7 @@ def inpaint(pipe, prompt: str | list[str], init_image, mask_image, negative_prom
     if output_type not in ("pil", "pt", "latent"):
         raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
     if isinstance(strength, bool) or not (isinstance(strength, (int, float)) and 0 < strength <= 1):
-        raise ValueError(f"strength must be in (0, 1] (1: the repainted region starts from pure noise), got {strength!r}")
+        raise ValueError(f"strength must be in (0, 1] (1: the white region starts from pure noise), got {strength!r}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     generator = torch.Generator("cpu").manual_seed(random.randrange(2 ** 63) if seed is None else seed)
