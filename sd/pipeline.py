@@ -223,11 +223,13 @@ class StableDiffusion:
 
     def fuse_lora(self) -> None:
         """Fold every LoRA into its layer's weights (faster sampling; the LoRA can no longer be removed)."""
-        lora.fuse_lora(self.unet), lora.fuse_lora(self.clip)
+        lora.fuse_lora(self.unet)
+        lora.fuse_lora(self.clip)
 
     def unload_lora_weights(self) -> None:
         """Remove every (unfused) LoRA: the original layers come back."""
-        lora.unload_lora(self.unet), lora.unload_lora(self.clip)
+        lora.unload_lora(self.unet)
+        lora.unload_lora(self.clip)
 
     def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
         """Teach the tokenizer and text encoder the word of a textual-inversion file; returns the tokens added."""
