@@ -15,7 +15,10 @@ from torch import nn
 
 from .attention import SelfAttention
 from .cross_attention import CrossAttention
+from .adapters import lora, lora_files, textual_inversion
 from .diffusion import DiffusionScheduler
+from .editing import inpaint as inpainting
+from .editing import inversion
 from .images import as_rgb_image, pil_to_tensor, signed_to_unit, to_pil
 from .runtime.compile import compile_or_eager, default_compile_kwargs
 from .runtime.memory import require_memory_for
@@ -139,6 +142,17 @@ class StableDiffusion:
             image = torch.cat([decode(z).float() for z in chunks])
         return signed_to_unit(image)
 
+    def image_to_tensor(self, init_image, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """An init image (see sd/images.py for the conventions) -> (1, 3, H, W) in [-1, 1], resized to
+        (height, width) where given, each side a multiple of `size_multiple`."""
+        picture = as_rgb_image(init_image)
+        w, h = picture.size
+        self._check_size("init_image width" if width is None else "width", width or w)
+        self._check_size("init_image height" if height is None else "height", height or h)
+        if (width or w, height or h) != (w, h):
+            picture = picture.resize((width or w, height or h), Image.LANCZOS)
+        return pil_to_tensor(picture)
+
     # --- one call ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
@@ -146,14 +160,22 @@ class StableDiffusion:
                  guidance_scale: float = 7.5, sampler: str = "ddim", seed: int | list[int] | None = None,
                  latents: torch.Tensor | None = None, init_image=None, strength: float = 0.8,
                  num_images: int = 1, eta: float = 0.0, callback: Callable | None = None,
-                 progress: bool = True, output_type: str = "pil"):
+                 progress: bool = True, output_type: str = "pil", mask_image=None):
         """Text (and optionally an init image) -> a list of PIL images (output_type="pt": a (B, 3, H, W) tensor in [0, 1]).
 
         seed: None (random), one int, or a list of ints, one per image (len(prompts) * num_images of them). With one
         int, image 0 of a batch equals the single run with that seed and the others follow from the same generator;
         with a list, image i equals the single run with seed[i] (as diffusers does with a list of generators).
         init_image: see sd/images.py for the conventions (PIL; (H, W, 3) uint8 in 0..255; float in [0, 1]).
+        mask_image (with init_image): inpainting, white = repaint, black = keep (sd/editing/inpaint.py).
         """
+        if mask_image is not None:
+            if init_image is None:
+                raise ValueError("mask_image needs an init_image: the picture whose white-masked part is repainted")
+            return self.inpaint(prompt, init_image, mask_image, negative_prompt, height=height, width=width,
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                sampler=sampler, strength=strength, seed=seed, num_images=num_images,
+                                progress=progress, output_type=output_type)
         # 1. check every argument before any work
         prompts = require_texts(prompt, "prompt")
         negatives = require_texts(negative_prompt, "negative_prompt")
@@ -175,13 +197,7 @@ class StableDiffusion:
         # 2. sizes: the init image's, else the model's native size
         image = None
         if init_image is not None:
-            picture = as_rgb_image(init_image)
-            w, h = picture.size
-            self._check_size("init_image width" if width is None else "width", width or w)
-            self._check_size("init_image height" if height is None else "height", height or h)
-            if (width or w, height or h) != (w, h):
-                picture = picture.resize((width or w, height or h), Image.LANCZOS)
-            image = pil_to_tensor(picture)                                 # (1, 3, H, W) in [-1, 1]
+            image = self.image_to_tensor(init_image, height, width)          # (1, 3, H, W) in [-1, 1]
             height, width = image.shape[-2:]
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
@@ -243,6 +259,37 @@ class StableDiffusion:
         if len(seeds) == 1:
             return [torch.Generator("cpu").manual_seed(seeds[0])] * batch     # one shared generator
         return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+    # --- adapters and editing: the logic lives in sd/adapters/ and sd/editing/ ---------------------------------
+    def load_lora_weights(self, path, scale: float = 1.0) -> dict[str, int]:
+        """Add a LoRA file (diffusers/PEFT or kohya layout) to the UNet and text encoder; returns layers per model."""
+        return lora_files.load_lora_weights(self, path, scale)
+
+    def save_lora_weights(self, path):
+        """Write the LoRAs of the UNet and text encoder to a .safetensors file."""
+        return lora_files.save_lora_weights(self, path)
+
+    def fuse_lora(self) -> None:
+        """Fold every LoRA into its layer's weights (faster sampling; the LoRA can no longer be removed)."""
+        lora.fuse_lora(self.unet)
+        lora.fuse_lora(self.clip)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every (unfused) LoRA: the original layers come back."""
+        lora.unload_lora(self.unet)
+        lora.unload_lora(self.clip)
+
+    def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
+        """Teach the tokenizer and text encoder the word of a textual-inversion file; returns the tokens added."""
+        return textual_inversion.load_textual_inversion(self, path, token)
+
+    def invert(self, image, prompt: str = "", num_inference_steps: int = 50, guidance_scale: float = 1.0, **kwargs):
+        """DDIM inversion: the noise x_T from which generate(prompt, latents=x_T, sampler="ddim") redraws the image."""
+        return inversion.invert(self, image, prompt, num_inference_steps, guidance_scale, **kwargs)
+
+    def inpaint(self, prompt, init_image, mask_image, negative_prompt="", **kwargs):
+        """Repaint the white part of mask_image in init_image (latent blending, sd/editing/inpaint.py)."""
+        return inpainting.inpaint(self, prompt, init_image, mask_image, negative_prompt, **kwargs)
 
     def _likely_cause(self, guidance_scale: float) -> str:
         """What most likely made a result non-finite, for the error message."""

@@ -188,6 +188,9 @@ class CLIPTokenizer:
         self.eos_id = vocab[EOS_TOKEN]
         self.pad_id = self.eos_id        # SD v1 pads with the end token (SD 2 pads with 0)
         self._cache: dict[str, tuple[int, ...]] = {}             # word -> ids: prompts repeat words a lot
+        # words added after training (textual inversion): matched in the cleaned text before BPE, each -> its ids
+        self.added_tokens: dict[str, tuple[int, ...]] = {}
+        self._added_pattern: regex.Pattern | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -210,13 +213,40 @@ class CLIPTokenizer:
             self._cache[word] = ids
         return self._cache[word]
 
+    def add_token(self, word: str, num_vectors: int = 1) -> list[int]:
+        """Add `word` (e.g. "<cat-toy>") as num_vectors new ids; then `word` in a prompt gives all of them.
+
+        As in diffusers' textual inversion, the extra vectors are the tokens `word_1`, `word_2`, ..., usable alone too.
+        """
+        names = [word] + [f"{word}_{i}" for i in range(1, num_vectors)]
+        taken = [n for n in names if n in self.vocab or clean_text(n) in self.added_tokens]
+        if not word.strip() or taken:
+            reason = f"{taken} already in the vocabulary" if taken else "it is empty"
+            raise ValueError(f"cannot add token {word!r}: {reason}")
+        ids = list(range(len(self.vocab), len(self.vocab) + len(names)))
+        for name, i in zip(names, ids):
+            self.vocab[name], self.id_to_token[i] = i, name
+            self.added_tokens[clean_text(name)] = (i,)
+        self.added_tokens[clean_text(word)] = tuple(ids)
+        # the longest first, so that "<t>_1" is not read as "<t>" followed by "_1"
+        alternatives = sorted(self.added_tokens, key=len, reverse=True)
+        self._added_pattern = regex.compile("(" + "|".join(regex.escape(a) for a in alternatives) + ")")
+        return ids
+
     def encode(self, text: str) -> list[int]:
         """Token ids of one text, from the start token 49406 to the end token 49407, not padded or truncated."""
         if not isinstance(text, str):
             raise ValueError(f"expected a text (str), got {type(text).__name__}")
         ids = [self.bos_id]
-        for word in pre_tokenize(text):
-            ids.extend(self.encode_word(word))
+        text = clean_text(text)
+        # added words split the text first (the split keeps them at odd positions); the rest goes through BPE
+        pieces = self._added_pattern.split(text) if self._added_pattern else [text]
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                ids.extend(self.added_tokens[piece])
+                continue
+            for word in CLIP_WORD_PATTERN.findall(piece):
+                ids.extend(self.encode_word(word))
         ids.append(self.eos_id)
         return ids
 

@@ -12,11 +12,11 @@ import argparse
 import signal
 import sys
 
-from . import evaluate, generate, train
+from . import evaluate, generate, inpaint, train
 from .arguments import OneLineParser
 
 PROG = "python -m sd"
-COMMANDS = (generate, train, evaluate)
+COMMANDS = (generate, inpaint, train, evaluate)
 # Errors a user can cause (bad input, a missing or unreadable file, no space left): one line, not a traceback.
 EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError, FloatingPointError)
 USAGE_ERROR = 2           # argparse's exit code for bad arguments, used for every expected error

@@ -1,0 +1,1 @@
+"""Adapters: change what a loaded model draws without retraining it (LoRA, textual inversion)."""
