@@ -26,6 +26,8 @@ CONFIG_METADATA_KEY = "sd_config"
 TOKENIZER_METADATA_KEY = "sd_tokenizer"
 # Pickle opcodes that import a Python object by name: what the weights-only unpickler refuses beyond its allowlist.
 IMPORT_OPCODES = ("GLOBAL", "STACK_GLOBAL", "INST")
+# What the weights-only unpickler imports itself for a plain state dict (tensors, storages, ordered dicts).
+WEIGHTS_ONLY_IMPORTS = ("torch.", "collections.OrderedDict")
 NOT_A_CHECKPOINT = "not a checkpoint (could not be read as safetensors or a PyTorch file)"
 
 
@@ -72,25 +74,26 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # the weights-only unpickler raises this both for a refused object and for bytes that are no pickle at all
-        if _is_pickle_that_imports(path):
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f" (`{found[1]}`)" if found else ""
+        imported = _imported_objects(path)
+        if imported is not None:
+            refused = _refused_object(str(e), imported)
+            what = f" (`{refused}`)" if refused else ""
             raise ValueError(f"{path}: this file holds Python objects beyond tensors{what}; loading it would run "
                              "code, refused (only plain state dicts are read, with torch.load(weights_only=True))"
                              ) from None
         raise ValueError(f"{path}: {NOT_A_CHECKPOINT}") from None
     except Exception as e:   # the weights-only unpickler never runs code; anything else it meets is just broken
-        raise ValueError(f"{path}: {NOT_A_CHECKPOINT}; torch.load says: {_first_line(e)}") from None
+        raise ValueError(f"{path}: {NOT_A_CHECKPOINT}; torch.load: {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
 
 
-def _is_pickle_that_imports(path: Path) -> bool:
-    """Does the file hold a well-formed pickle that imports Python objects by name?
+def _imported_objects(path: Path) -> list[str] | None:
+    """The Python objects that well-formed pickles in the file import by name, or None if it holds no such pickle.
 
-    A plain pickle, torch's legacy format (several pickles in a row, then raw bytes) or the `data.pkl` of torch's
-    zip format. The opcodes are read with `pickletools` only: nothing is imported or called.
+    Reads a plain pickle, torch's legacy format (several pickles in a row, then raw bytes) or the `data.pkl` of torch's
+    zip format, opcode by opcode with `pickletools`: nothing is imported or called.
     """
     try:
         if zipfile.is_zipfile(path):
@@ -100,22 +103,34 @@ def _is_pickle_that_imports(path: Path) -> bool:
         else:
             data = path.read_bytes()
     except (OSError, zipfile.BadZipFile):
-        return False
-    stream = io.BytesIO(data)
+        return None
+    stream, imported = io.BytesIO(data), []
     while stream.tell() < len(data):
+        strings, names = [], []
         try:
-            ops = [op.name for op, _, _ in pickletools.genops(stream)]   # one pickle, up to its STOP
+            for op, arg, _ in pickletools.genops(stream):   # one pickle, up to its STOP
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name in IMPORT_OPCODES:
+                    # GLOBAL and INST carry "module name"; STACK_GLOBAL takes the two strings pushed before it
+                    names.append(arg.replace(" ", ".") if isinstance(arg, str) else ".".join(strings[-2:]))
         except Exception:   # pickletools raises ValueError and others where the bytes stop being a pickle
-            return False
-        if any(name in IMPORT_OPCODES for name in ops):
-            return True
-    return False
+            break
+        imported += names   # only pickles read to their STOP count
+    return imported or None
+
+
+def _refused_object(message: str, imported: list[str]) -> str:
+    """The object torch's weights-only unpickler refused: named in its message, else the first one beyond torch's."""
+    if found := re.search(r"GLOBAL ([\w.]+)", message):
+        return found[1]
+    return next((name for name in imported if not name.startswith(WEIGHTS_ONLY_IMPORTS)), "")
 
 
 def _first_line(e: Exception) -> str:
-    """An exception's message on one line, without terminal colour codes."""
+    """The first sentence of an exception's message, on one line, without terminal colour codes."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(e).__name__
 
 
 def unwrap_state_dict(obj: dict) -> dict[str, torch.Tensor]:
