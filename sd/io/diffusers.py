@@ -63,7 +63,9 @@ def diffusers_configs(folder: Path) -> dict:
         raise ValueError(f"{folder / 'text_encoder' / 'config.json'}: the text encoder uses {text['hidden_act']}, "
                          f"SD v1's CLIP uses {CLIP_ACTIVATION}: not an SD v1.x model")
     configs: dict = {"unet": {}, "vae": {}, "clip": {}}
-    heads = unet.get("attention_head_dim")   # diffusers' legacy name for the head count in SD v1
+    # diffusers' legacy name for the head count in SD v1 (`num_attention_heads = num_attention_heads or
+    # attention_head_dim`, https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/unets/unet_2d_condition.py#L248-L254)
+    heads = unet.get("attention_head_dim")
     if isinstance(heads, int):
         configs["unet"]["heads"] = heads
     if "norm_num_groups" in unet:

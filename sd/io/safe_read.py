@@ -65,7 +65,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         reason = _first_line(e)
-        raise ValueError(f"{path}: {NOT_A_CHECKPOINT}; safetensors says: {reason}") from None
+        raise ValueError(f"{path}: {NOT_A_CHECKPOINT}; safetensors: {reason}") from None
     return tensors, metadata
 
 
@@ -85,7 +85,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:   # the weights-only unpickler never runs code; anything else it meets is just broken
         raise ValueError(f"{path}: {NOT_A_CHECKPOINT}; torch.load: {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return obj
 
 
