@@ -143,6 +143,8 @@ def test_a_model_copied_without_its_tokenizer_folder_is_caught_at_load(tmp_path)
     assert sd.load_checkpoint(path, device="cpu").tokenizer.vocab_size == tokenizer.vocab_size
     shutil.rmtree(tmp_path / "shapes_tokenizer")
     one_line_error(path, rf"^{path}: its tokenizer folder shapes_tokenizer/ is not beside it")
+    moved = path.rename(tmp_path / "moved.safetensors")
+    one_line_error(moved, rf"^{moved}: its tokenizer folder moved_tokenizer/ is not beside it .*saved as shapes_tokenizer/")
 
 
 def test_an_older_file_without_its_tokenizer_folder_is_caught_by_vocabulary_size(tmp_path):

@@ -131,10 +131,11 @@ def _read_own_format(path: Path, raw: dict[str, torch.Tensor], metadata: dict[st
     parts = {p: {k[len(p) + 1:]: v for k, v in raw.items() if k.startswith(p + ".")} for p in PARTS}
     naming = KeyNaming(files=dict.fromkeys(PARTS, str(path)))   # the file's keys are ours, with the part in front
     tokenizer = tokenizer_folder(path)
-    recorded = metadata.get(TOKENIZER_METADATA_KEY)
-    if recorded is not None and not (path.parent / recorded).is_dir():
-        raise ValueError(f"{path}: its tokenizer folder {recorded}/ is not beside it (save_checkpoint wrote it "
-                         "there); copy the folder along with the file")
+    saved_as = metadata.get(TOKENIZER_METADATA_KEY)   # the folder's name when the file was saved
+    if saved_as is not None and not tokenizer.is_dir():
+        note = f", saved as {saved_as}/" if saved_as != tokenizer.name else ""
+        raise ValueError(f"{path}: its tokenizer folder {tokenizer.name}/ is not beside it (save_checkpoint wrote "
+                         f"one{note}); copy the folder along with the file")
     return Weights(parts, naming, stored_configs(metadata, path), tokenizer if tokenizer.is_dir() else None)
 
 
