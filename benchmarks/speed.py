@@ -19,7 +19,8 @@ import time
 import torch
 
 import sd
-from sd.io.checkpoint import build_models, convert_diffusers
+from sd.io.checkpoint import build_models
+from sd.io.diffusers import convert_diffusers
 from sd.runtime.compile import compile_or_eager, default_compile_kwargs, inductor_settings
 from sd.course import CHECKPOINT_ENV
 from sd.pipeline import StableDiffusion

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 import sd
-from sd.io.checkpoint import build_models, convert_diffusers
+from sd.io.checkpoint import build_models
+from sd.io.diffusers import convert_diffusers
 
 
 def diffusers_unet(cfg: sd.UNetConfig):

@@ -85,7 +85,9 @@ def test_checkpoint_with_a_removed_key_names_it(tiny):
     _, ckpt = tiny
     broken = dict(ckpt)
     del broken["model.diffusion_model.middle_block.1.proj_out.weight"]
-    with pytest.raises(ValueError, match=r"UNet weights .*missing `mid\.attn\.proj_out\.weight`"):
+    # named as the file spells it, not by this package's internal name (`mid.attn.proj_out.weight`)
+    with pytest.raises(ValueError, match=r"^the state dict: UNet weights .*missing "
+                                         r"`model\.diffusion_model\.middle_block\.1\.proj_out\.weight`$"):
         sd.load_checkpoint(broken, device="cpu")
 
 
@@ -93,7 +95,7 @@ def test_checkpoint_with_an_unexpected_key_names_it(tiny):
     _, ckpt = tiny
     broken = dict(ckpt)
     broken["model.diffusion_model.input_blocks.1.1.extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"unexpected `down\.0\.attn\.0\.extra\.weight`"):
+    with pytest.raises(ValueError, match=r"unexpected `model\.diffusion_model\.input_blocks\.1\.1\.extra\.weight`$"):
         sd.load_checkpoint(broken, device="cpu")
 
 
@@ -128,7 +130,8 @@ def test_ckpt_whose_pickle_would_run_code_is_refused_and_runs_nothing(tmp_path):
     path = tmp_path / "evil.ckpt"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": {"x": RunsCode(marker)}}, f)
-    with pytest.raises(ValueError, match=r"refused to load.*weights_only=True"):
+    with pytest.raises(ValueError, match=r"evil\.ckpt: this file holds Python objects beyond tensors.*"
+                                         r"loading it would run code, refused"):
         sd.load_checkpoint(path, device="cpu")
     assert not marker.exists()
 

@@ -1,1 +1,2 @@
-"""Reading and writing checkpoints: safe file reading, key rules, CompVis files, diffusers folders, the Hub."""
+"""Reading and writing checkpoints: safe file reading, model families, configs from shapes, key rules, CompVis files,
+diffusers folders, the Hub; `checkpoint.py` holds the entry points `load_checkpoint` and `save_checkpoint`."""
