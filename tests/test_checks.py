@@ -357,6 +357,7 @@ def test_pick_falls_back_to_the_reference_when_the_exercise_is_not_done(capsys):
     assert pick(check_scaled_dot_product_attention, stub, reference=explicit_attention) is explicit_attention
     out = capsys.readouterr().out
     assert "not done yet: Exercise 1.1: scale the scores" in out
+    assert 'before the softmax (more help: hint("1.1"))' in out
     assert "using the reference sd.attention.explicit_attention for the rest of this notebook" in out
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -198,7 +199,9 @@ def try_check(check: Callable[[Any], bool], impl: Any) -> bool:
     try:
         return bool(check(impl))
     except NotImplementedError as e:
-        print(f"⏭️  not done yet: {e}")
+        exercise = re.match(r"Exercise (\d+\.\d+):", str(e))
+        more = f' (more help: hint("{exercise.group(1)}"))' if exercise else ""
+        print(f"⏭️  not done yet: {e}{more}")
     except AssertionError as e:
         print(f"❌ {e}")
     except Exception as e:  # a crash inside the learner's code: report it, keep the notebook going
