@@ -17,7 +17,7 @@ import sd
 from sd.attention import explicit_attention
 from sd.course.checks import (check_causal_attention, check_cross_attention, check_scaled_dot_product_attention,
                        check_self_attention, check_softmax, pick, try_check)
-from sd.course.checks.common import copy_weights
+from sd.course.checks.common import copy_weights, randomise_constant_parameters
 from tests.check_helpers import rejects
 
 
@@ -357,6 +357,7 @@ def test_pick_falls_back_to_the_reference_when_the_exercise_is_not_done(capsys):
     assert pick(check_scaled_dot_product_attention, stub, reference=explicit_attention) is explicit_attention
     out = capsys.readouterr().out
     assert "not done yet: Exercise 1.1: scale the scores" in out
+    assert 'before the softmax (more help: hint("1.1"))' in out
     assert "using the reference sd.attention.explicit_attention for the rest of this notebook" in out
 
 
@@ -395,3 +396,15 @@ def test_checks_leave_the_learners_random_state_alone():
     torch.manual_seed(123)
     check_self_attention(sd.SelfAttention)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_checks_randomise_the_norms_a_fresh_module_sets_to_one_and_zero():
+    layer = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.GroupNorm(2, 4))
+    linear_weight = layer[0].weight.clone()
+    changed = randomise_constant_parameters(layer)
+    assert changed == ["1.weight", "1.bias", "2.weight", "2.bias"]
+    for norm in (layer[1], layer[2]):
+        assert not torch.equal(norm.weight, torch.ones(4)) and not torch.equal(norm.bias, torch.zeros(4))
+        assert len(set(norm.weight.tolist())) == 4
+    assert torch.equal(layer[0].weight, linear_weight)   # random already: left alone
+

@@ -193,7 +193,7 @@ def test_check_bpe_passes_a_correct_encoder_written_differently():
     (encode_without_stopping, "not in ranks are merged too"),
 ])
 def test_check_bpe_names_the_mistake(fn, mistake):
-    rejects(check_bpe, fn, "check_bpe failed on example 1 of 5", "ranks {'b' 'a': 0", mistake)
+    rejects(check_bpe, fn, "check_bpe failed on example 1 of 7", "ranks {'b' 'a': 0", mistake)
 
 
 def test_check_bpe_stops_an_endless_loop_with_a_message():
@@ -208,7 +208,28 @@ def test_check_bpe_reports_a_crash_on_a_single_symbol_word():
                 return word
             word = merge_pair(word, pair)
 
-    rejects(check_bpe, encode_forgetting_single_symbols, "raised ValueError", "('a</w>',)")
+    # "newest" merges into the single symbol 'newest</w>', where min() of no pairs raises
+    rejects(check_bpe, encode_forgetting_single_symbols, "raised ValueError", "('n', 'e', 'w', 'e', 's', 't</w>')")
+
+
+def encode_stopping_at_two_symbols(word, ranks):
+    while len(word) > 2:   # one symbol too early: a learned word never becomes one symbol
+        pair = min(get_pairs(word), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            break
+        word = merge_pair(word, pair)
+    return word
+
+
+def test_check_bpe_names_a_loop_that_stops_with_two_symbols_left():
+    rejects(check_bpe, encode_stopping_at_two_symbols, "('newest</w>',)", "stops with two symbols left")
+
+
+def test_check_bpe_and_merge_pair_want_a_tuple_not_a_list():
+    rejects(check_bpe, lambda word, ranks: list(encode_by_rank(word, ranks)), "should be a tuple of symbols",
+            "got list")
+    rejects(check_merge_pair, lambda word, pair: list(merge_with_index_loop(word, pair)),
+            "should be a tuple of symbols", "got list")
 
 
 # ---------------------------------------------------------------------------------------------------------

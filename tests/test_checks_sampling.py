@@ -301,3 +301,10 @@ def test_pick_goes_on_with_the_reference_step_when_the_exercise_is_not_done(caps
     assert pick(check_ddim_step, ddim_sigma_ratio_inverted, reference=ddim_step) is ddim_step
     out = capsys.readouterr().out
     assert "not done yet: Exercise 6.2" in out and "NaN" in out and "using the reference sd.samplers.ddim_step" in out
+
+
+def test_check_ddim_step_wants_the_tuple_the_exercise_returns_not_a_list():
+    def ddim_step_as_list(*args, **kwargs):
+        return list(ddim_step(*args, **kwargs))
+
+    rejects(check_ddim_step, ddim_step_as_list, "should be a tuple of 2 items", "got a list of 2 items")

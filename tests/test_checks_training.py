@@ -212,6 +212,13 @@ def test_drop_captions_check_names_the_mistake(impl, fragments):
     rejects(check_drop_captions, impl, *fragments)
 
 
+def test_drop_captions_check_wants_the_list_the_exercise_returns_not_a_tuple():
+    def drop_as_tuple(captions, generator, p):
+        return tuple(drop_right(captions, generator, p))
+
+    rejects(check_drop_captions, drop_as_tuple, "should be a list of", "got a tuple of")
+
+
 def test_pick_goes_on_with_the_reference_when_the_learner_is_stuck(capsys):
     def stuck(captions, generator, p=0.1):
         raise NotImplementedError("Exercise 8.2: draw one number per caption")

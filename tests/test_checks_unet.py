@@ -179,6 +179,22 @@ class TransformerBlockPostNorm(MyTransformerBlock):
         return self.norm3(x + self.ff(x))
 
 
+class TransformerBlockSwappedNorms(MyTransformerBlock):
+    """norm1 and norm2 swapped: with fresh LayerNorms (scale 1, shift 0) this computes the same numbers."""
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm2(x))
+        x = x + self.attn2(self.norm1(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class TransformerBlockRotatedNorms(MyTransformerBlock):
+    """norm2 before attn1, norm3 before attn2, norm1 before ff."""
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm2(x))
+        x = x + self.attn2(self.norm3(x), context)
+        return x + self.ff(self.norm1(x))
+
+
 class TransformerBlockCrossFirst(MyTransformerBlock):
     def forward(self, x, context):
         x = x + self.attn2(self.norm1(x), context)
@@ -347,6 +363,9 @@ def test_check_geglu_names_the_mistake(cls, mistake):
     (TransformerBlockWithoutResiduals, "residuals are missing"),
     (TransformerBlockPostNorm, "post-norm"),
     (TransformerBlockCrossFirst, "cross-attention comes before self-attention"),
+    (TransformerBlockSwappedNorms, "LayerNorms are in the wrong places (norm2 before attn1, norm1 before attn2"),
+    (TransformerBlockRotatedNorms, "LayerNorms are in the wrong places (norm2 before attn1, norm3 before attn2, "
+                                   "norm1 before ff)"),
 ])
 def test_check_transformer_block_names_the_mistake(cls, mistake):
     rejects(check_transformer_block, cls, "check_transformer_block failed", mistake)

@@ -1,11 +1,17 @@
 """notebooks/ is generated from solutions/ by tools/make_notebooks.py: it is up to date, and the stubbing is right."""
 from __future__ import annotations
 
+import ast
 import importlib.util
+import json
+import re
 from pathlib import Path
 
 import nbformat
 import pytest
+
+import sd.course
+import sd.course.hints
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("make_notebooks", ROOT / "tools" / "make_notebooks.py")
@@ -16,6 +22,8 @@ SOLVED_CELL = '''\
 def double(x):
     """Twice x."""
     # BEGIN SOLUTION 1.1 hint: add x to itself, or multiply by 2
+    # HINT 1.1: the sum of x and x is twice x
+    # HINT 1.1: y = x + x
     y = x + x
     return y
     # END SOLUTION
@@ -24,6 +32,8 @@ def double(x):
 class Counter:
     def __init__(self):
         # BEGIN SOLUTION 1.2 hint: start at "zero"
+        # HINT 1.2: the count starts at nothing
+        # HINT 1.2: self.n = 0
         self.n = 0
         # END SOLUTION'''
 
@@ -56,8 +66,9 @@ def test_stub_replaces_each_solution_with_a_not_implemented_error_at_its_indenta
     stubbed, numbers = make_notebooks.stub_source(SOLVED_CELL)
     assert numbers == ["1.1", "1.2"]
     assert "x + x" not in stubbed and "self.n = 0" not in stubbed and "SOLUTION" not in stubbed
-    assert '    """Twice x."""\n    # Exercise 1.1: your code here\n' \
-           '    raise NotImplementedError("Exercise 1.1: add x to itself, or multiply by 2")' in stubbed
+    assert "HINT" not in stubbed and "the sum of x" not in stubbed
+    assert ('    """Twice x."""\n    # Exercise 1.1: your code here (more help: hint("1.1"); the answer: '
+            'solution("1.1"))\n    raise NotImplementedError("Exercise 1.1: add x to itself, or multiply by 2")') in stubbed
     assert '        raise NotImplementedError("Exercise 1.2: start at \\"zero\\"")' in stubbed
     namespace = {}
     exec(stubbed, namespace)   # the stub is valid Python: the function and class are defined
@@ -148,3 +159,166 @@ def test_a_stub_that_breaks_the_syntax_is_refused():
     nb.cells[1].source = "x = [\n    # BEGIN SOLUTION 1.1 hint: h\n    1,\n    # END SOLUTION\n]"
     with pytest.raises(make_notebooks.NotebookError, match="not valid Python after stubbing"):
         make_notebooks.learner_notebook(nb, "01_demo.ipynb")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Help in stages: the stub's sentence in words, hint() level by level, solution() only when asked
+# ---------------------------------------------------------------------------------------------------------
+
+# Code-like text a stub's sentence must not contain (written here, independently of the generator's list).
+CODE_PATTERNS = {
+    "assignment or comparison": re.compile(r"="),
+    "call syntax": re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\("),
+    "indexing": re.compile(r"\["),
+    "attribute or method access": re.compile(r"[A-Za-z_)\]]\.[A-Za-z_]"),
+    "a library prefix": re.compile(r"\b(torch|np|math)\b"),
+}
+
+
+def learner_stub_messages() -> list[tuple[str, str]]:
+    """(notebook, message) of every `raise NotImplementedError("...")` in notebooks/, read with ast."""
+    found = []
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type != "code":
+                continue
+            for node in ast.walk(ast.parse(cell.source)):
+                if (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+                        and getattr(node.exc.func, "id", None) == "NotImplementedError"):
+                    found.append((path.name, node.exc.args[0].value))
+    return found
+
+
+def solution_blocks() -> dict[str, list[str]]:
+    """Exercise number -> the code lines between its markers in solutions/ (markers and HINT lines left out)."""
+    blocks: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "solutions").glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            number = None
+            for line in cell.source.split("\n") if cell.cell_type == "code" else []:
+                begin = re.match(r"\s*# BEGIN SOLUTION (\d+\.\d+) hint:", line)
+                if begin:
+                    number = begin.group(1)
+                    blocks.setdefault(number, [])
+                elif re.match(r"\s*# END SOLUTION", line):
+                    number = None
+                elif number and not re.match(r"\s*# HINT ", line):
+                    blocks[number].append(line)
+    return blocks
+
+
+def test_every_stub_says_what_to_compute_in_words_not_code():
+    messages = learner_stub_messages()
+    assert len(messages) >= 33
+    for name, message in messages:
+        assert re.match(r"^Exercise \d+\.\d+: \S", message), f"{name}: {message!r}"
+        sentence = message.split(": ", 1)[1]
+        for what, pattern in CODE_PATTERNS.items():
+            assert not pattern.search(sentence), f"{name}: the stub contains {what}: {message!r}"
+
+
+def test_the_word_check_refuses_the_old_code_hint():
+    old = ("out = unet(torch.cat([x, x]), torch.cat([uncond_context, context]), t); "
+           "eps_uncond, eps_cond = out.chunk(2)")
+    assert make_notebooks.code_in_words(old) is not None
+    assert make_notebooks.code_in_words("scale the scores by one over the square root of d") is None
+    cell = f"# BEGIN SOLUTION 1.1 hint: {old}\n# HINT 1.1: a\n# HINT 1.1: b\nx = 1\n# END SOLUTION"
+    with pytest.raises(make_notebooks.NotebookError, match="contains an assignment"):
+        make_notebooks.stub_source(cell, "solutions/01_demo.ipynb, cell 3")
+
+
+def test_every_exercise_has_two_hint_levels_beyond_the_stub():
+    numbers = sorted(solution_blocks(), key=lambda n: tuple(int(p) for p in n.split(".")))
+    assert len(numbers) >= 31
+    for number in numbers:
+        levels = sd.course.hints.hint_levels(number)
+        assert len(levels) >= 2, f"exercise {number}: {levels}"
+        assert all(level.strip() for level in levels)
+        assert len(set(levels)) == len(levels), f"exercise {number} repeats a hint"
+
+
+def test_hint_walks_the_levels_in_order_then_points_at_the_solution(capsys):
+    sd.course.hints.reset_hints()
+    levels = sd.course.hints.hint_levels("6.4")
+    for i, level in enumerate(levels, start=1):
+        sd.course.hint("6.4")
+        out = capsys.readouterr().out
+        assert out.startswith(f"Hint {i} of {len(levels)} for exercise 6.4")
+        assert level.split("\n")[0] in out
+    assert "unet(torch.cat([x, x])" in levels[-1]   # the last level is code-level
+    sd.course.hint("6.4")
+    assert 'no more hints' in capsys.readouterr().out
+    sd.course.hints.reset_hints()
+    sd.course.hint("6.4")
+    assert capsys.readouterr().out.startswith("Hint 1 of")
+
+
+def test_solution_prints_the_code_between_the_markers(capsys):
+    blocks = solution_blocks()
+    for number in ["0.1", "3.2", "6.4", "2.1"]:
+        sd.course.solution(number)
+        out = capsys.readouterr().out
+        code = [line.strip() for line in blocks[number] if line.strip()]
+        assert code and all(line in out for line in code), f"exercise {number}:\n{out}"
+        assert "HINT" not in out and "BEGIN SOLUTION" not in out
+
+
+def test_the_learners_notebooks_hold_no_solution_code():
+    blocks = solution_blocks()
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = nbformat.read(path, as_version=4).cells
+        number = path.name[:2].lstrip("0") or "0"
+        exercise_cells = [c.source for c in cells if "exercise" in c.metadata.get("tags", [])]
+        text = "\n".join(exercise_cells)
+        for ex, lines in blocks.items():
+            if ex.split(".")[0] != number:
+                continue
+            code = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+            assert code, ex
+            leaked = [line for line in code if len(line) > 12 and line in text]
+            assert not leaked, f"{path.name}: exercise {ex}'s solution is in the learner's cell: {leaked}"
+            assert f'raise NotImplementedError("Exercise {ex}:' in text
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (6.4, TypeError, 'as a string such as "6.4", got float 6.4'),
+    ("six", ValueError, "got 'six'"),
+    ("6.9", ValueError, "there is no exercise 6.9; notebook 6 has 6.1, 6.2, 6.3, 6.4"),
+])
+def test_hint_and_solution_refuse_a_bad_exercise_number_in_one_line(bad, error, message):
+    for fn in (sd.course.hint, sd.course.solution):
+        with pytest.raises(error, match=re.escape(message)):
+            fn(bad)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("# BEGIN SOLUTION 1.1 hint: h\n# HINT 1.1: only one\nx = 1\n# END SOLUTION", "expected at least 2"),
+    ("# HINT 1.1: a\n# BEGIN SOLUTION 1.1 hint: h\n# END SOLUTION", "outside the block"),
+    ("# BEGIN SOLUTION 1.1 hint: h\n# HINT 1.2: a\n# HINT 1.1: b\n# END SOLUTION", "outside the block"),
+    ("# BEGIN SOLUTION 1.1 hint: h\n# HINT: a\n# END SOLUTION", "malformed marker"),
+])
+def test_bad_hint_lines_are_reported(source, message):
+    with pytest.raises(make_notebooks.NotebookError, match=message):
+        blocks = make_notebooks.scan_blocks(source, "solutions/01_demo.ipynb, cell 3")[1]
+        make_notebooks.exercise_help(blocks, "solutions/01_demo.ipynb")
+
+
+def test_generator_writes_the_hints_and_solutions_file_of_each_notebook(tmp_path):
+    (tmp_path / "solutions").mkdir()
+    nbformat.write(synthetic_notebook(), tmp_path / "solutions" / "01_demo.ipynb")
+    assert make_notebooks.main(["--root", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "sd" / "course" / "exercises" / "01_demo.json").read_text())
+    assert written["exercises"]["1.1"] == {"stub": "add x to itself, or multiply by 2",
+                                           "hints": ["the sum of x and x is twice x", "y = x + x"],
+                                           "solution": "y = x + x\nreturn y"}
+    assert written["exercises"]["1.2"]["solution"] == "self.n = 0"
+
+
+def test_an_exercise_in_two_blocks_gets_one_line_per_block_at_each_level():
+    cell = ("class A:\n    def __init__(self):\n        # BEGIN SOLUTION 2.1 hint: make it\n"
+            "        # HINT 2.1: one\n        # HINT 2.1: two\n        self.a = 1\n        # END SOLUTION\n\n"
+            "    def forward(self, x):\n        # BEGIN SOLUTION 2.1 hint: use it\n        # HINT 2.1: three\n"
+            "        # HINT 2.1: four\n        return x + self.a\n        # END SOLUTION")
+    helped = make_notebooks.exercise_help(make_notebooks.scan_blocks(cell)[1], "demo")["2.1"]
+    assert helped["hints"] == ["in __init__: one\nin forward: three", "in __init__: two\nin forward: four"]
+    assert helped["solution"] == "# in __init__:\nself.a = 1\n\n# in forward:\nreturn x + self.a"

@@ -6,18 +6,23 @@
     python tools/make_notebooks.py --readme             # print the README's table of notebooks with Colab badges
 
 In a solutions cell, the code between two marker lines becomes, in the learner's version, a stub at the
-indentation of the BEGIN line:
+indentation of the BEGIN line. The BEGIN line says in words what to compute (no code); the HINT lines under it
+are the further levels of help, from an idea to code:
 
-        # BEGIN SOLUTION 1.1 hint: scale the scores by 1/sqrt(d) before the softmax
+        # BEGIN SOLUTION 1.1 hint: compare every query with every key, scale, normalise, average the values
+        # HINT 1.1: the scores are the dot products of the queries and keys divided by the square root of d
+        # HINT 1.1: scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]); scores.softmax(dim=-1) @ v
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
         ...
         # END SOLUTION
     ->
-        # Exercise 1.1: your code here
-        raise NotImplementedError("Exercise 1.1: scale the scores by 1/sqrt(d) before the softmax")
+        # Exercise 1.1: your code here (more help: hint("1.1"); the answer: solution("1.1"))
+        raise NotImplementedError("Exercise 1.1: compare every query with every key, scale, normalise, ...")
 
 Everything else stays identical, except that the learners' notebooks carry no outputs or execution counts, and
 their exercise cells are tagged `raises-exception` so that nbval accepts the NotImplementedError there.
+The hints and the solution code of every exercise go to sd/course/exercises/NN_topic.json, which
+`sd.course.hint("1.1")` (the next level each time) and `sd.course.solution("1.1")` read, offline.
 The first cells of every notebook, in both folders, are written here from REPOSITORY: the "Open in Colab"
 badge, and (after the authored introduction) the set-up cell that installs the package on Colab.
 """
@@ -33,6 +38,11 @@ from pathlib import Path
 
 import nbformat
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # the sibling module, however this file is loaded
+# code_in_words is re-exported for the tests
+from exercise_markers import (NotebookError, code_in_words, exercise_help, scan_blocks,  # noqa: E402,F401
+                              stub_source)
+
 # The one place the repository is named: badges and Colab set-up cells are generated from it.
 REPOSITORY = "https://github.com/sd-from-scratch/sd-from-scratch"
 BRANCH = "main"
@@ -45,10 +55,7 @@ NOTEBOOKS = "notebooks"
 NOTEBOOK_NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
 # Solutions are committed with their outputs; keep each readable on GitHub.
 MAX_SOLUTION_BYTES = 2_000_000
-
-BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION (?P<number>\d+\.\d+) hint: (?P<hint>\S.*?)\s*$")
-END = re.compile(r"^[ \t]*# END SOLUTION\s*$")
-ANY_MARKER = re.compile(r"^[ \t]*#\s*(BEGIN|END)\s+SOLUTION")
+EXERCISES = Path("sd") / "course" / "exercises"   # the hints and solutions, one JSON file per notebook
 
 EXERCISE_TAGS = ["exercise", "raises-exception"]   # nbval: `raises-exception` lets the cell raise
 HEADER_KEY = "course_header"                        # cell metadata marking the generated cells
@@ -86,44 +93,6 @@ FULL_SIZE = DEVICE.type == "cuda"
 print(f"{{RUNTIME}}; FULL_SIZE = {{FULL_SIZE}}"
       + ("; for a GPU: Runtime > Change runtime type" if DEVICE.type == "cpu" and "google.colab" in sys.modules
          else ""))'''
-
-
-class NotebookError(ValueError):
-    """A solutions notebook the generator cannot turn into an exercise (bad markers, bad name)."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Exercises: solution code -> stub
-# ----------------------------------------------------------------------------------------------------------
-
-def stub_source(source: str, where: str = "cell") -> tuple[str, list[str]]:
-    """Replace each BEGIN/END SOLUTION block by a NotImplementedError stub; return (new source, exercise numbers)."""
-    out, numbers, block = [], [], None
-    for lineno, line in enumerate(source.split("\n"), start=1):
-        begin, end = BEGIN.match(line), END.match(line)
-        if begin:
-            if block is not None:
-                raise NotebookError(f"{where}, line {lineno}: BEGIN SOLUTION inside the block opened on line "
-                                    f"{block['line']}; close it with '# END SOLUTION' first")
-            block = {"line": lineno, **begin.groupdict()}
-            numbers.append(block["number"])
-            indent, message = block["indent"], f"Exercise {block['number']}: {block['hint']}"
-            out.append(f"{indent}# Exercise {block['number']}: your code here")
-            # json.dumps gives a valid double-quoted Python string literal
-            out.append(f"{indent}raise NotImplementedError({json.dumps(message, ensure_ascii=False)})")
-        elif end:
-            if block is None:
-                raise NotebookError(f"{where}, line {lineno}: END SOLUTION without a BEGIN SOLUTION before it")
-            block = None
-        elif ANY_MARKER.match(line):
-            raise NotebookError(f"{where}, line {lineno}: malformed marker {line.strip()!r}; expected "
-                                "'# BEGIN SOLUTION <N.M> hint: <text>' or '# END SOLUTION'")
-        elif block is None:
-            out.append(line)
-    if block is not None:
-        raise NotebookError(f"{where}: BEGIN SOLUTION {block['number']} on line {block['line']} is never closed "
-                            "with '# END SOLUTION'")
-    return "\n".join(out), numbers
 
 
 def check_python(source: str, where: str) -> None:
@@ -235,6 +204,21 @@ def learner_notebook(solution: nbformat.NotebookNode, name: str) -> nbformat.Not
     return nb
 
 
+def notebook_exercises(solution: nbformat.NotebookNode, name: str) -> dict:
+    """The hints and solutions of a solutions notebook, as sd/course/exercises/NN_topic.json holds them."""
+    blocks = []
+    for i, cell in enumerate(solution.cells):
+        if cell.cell_type == "code":
+            blocks += scan_blocks(cell.source, f"{SOLUTIONS}/{name}, cell {i}")[1]
+    return {"notebook": Path(name).stem,
+            "written_by": "tools/make_notebooks.py from the markers in solutions/ (do not edit by hand)",
+            "exercises": exercise_help(blocks, f"{SOLUTIONS}/{name}")}
+
+
+def render_exercises(exercises: dict) -> str:
+    return json.dumps(exercises, indent=1, ensure_ascii=False) + "\n"
+
+
 def render(nb: nbformat.NotebookNode) -> str:
     """The file's text: nbformat's own layout (as Jupyter and nbclient write it), ending in a newline."""
     text = nbformat.writes(nb, version=4)
@@ -252,6 +236,7 @@ def planned_files(root: Path = ROOT) -> dict[Path, str]:
         solution = solution_notebook(read(path), path.name)
         files[path] = render(solution)
         files[root / NOTEBOOKS / path.name] = render(learner_notebook(solution, path.name))
+        files[root / EXERCISES / f"{path.stem}.json"] = render_exercises(notebook_exercises(solution, path.name))
     return files
 
 
@@ -265,9 +250,9 @@ def problems(root: Path = ROOT) -> list[str]:
             found.append(f"{rel} is missing")
         elif path.read_text(encoding="utf-8") != text:
             found.append(f"{rel} is out of date")
-    for path in sorted((root / NOTEBOOKS).glob("*.ipynb")):
+    for path in sorted((root / NOTEBOOKS).glob("*.ipynb")) + sorted((root / EXERCISES).glob("*.json")):
         if path not in planned:
-            found.append(f"{path.relative_to(root)} has no solutions/{path.name} (remove it)")
+            found.append(f"{path.relative_to(root)} has no solutions/{path.stem}.ipynb (remove it)")
     for path in sorted((root / SOLUTIONS).glob("*.ipynb")):
         size = path.stat().st_size
         if size > MAX_SOLUTION_BYTES:
@@ -333,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"executing {path.relative_to(root)}")
                 execute(path)
         (root / NOTEBOOKS).mkdir(exist_ok=True)
+        (root / EXERCISES).mkdir(parents=True, exist_ok=True)
         for path, text in planned_files(root).items():
             if not path.exists() or path.read_text(encoding="utf-8") != text:
                 path.write_text(text, encoding="utf-8")

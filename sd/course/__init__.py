@@ -1,2 +1,4 @@
-"""The course's machinery: the exercise checks (one module per notebook) and the models the notebooks load."""
+"""The course's machinery: the exercise checks (one module per notebook), staged help with the exercises
+(`hint`, `solution`) and the models the notebooks load."""
+from .hints import hint, solution
 from .models import CHECKPOINT_ENV, load_course_model, untrained_model

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -48,6 +49,10 @@ ATOL = 1e-5
 RTOL = 1e-4
 # Messages list at most this many parameter names.
 MAX_LISTED = 24
+# A fresh module sets some parameters to one constant (LayerNorm/GroupNorm scale 1, shift 0): every norm then
+# computes the same thing and swapping two would go unnoticed. The checks move such parameters by this much
+# random noise (about their own size) before copying them into the learner's module.
+CONSTANT_JITTER = 0.3
 
 
 @dataclass
@@ -120,6 +125,7 @@ def check_module(check_name: str, cls: type, reference_cls: type, cases: Sequenc
         for i, case in enumerate(cases):
             with seeded(SEED + i):
                 reference = reference_cls(**case.init).eval()
+                randomise_constant_parameters(reference)
             try:
                 learner = build_learner_module(cls, case.init)
                 copy_weights(learner, reference, cls.__name__)
@@ -144,6 +150,21 @@ def build_learner_module(cls: type, init: dict[str, Any]) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise AssertionError(f"{call} gave a {type(module).__name__}, expected a torch.nn.Module")
     return module.eval()
+
+
+def randomise_constant_parameters(module: nn.Module) -> list[str]:
+    """Add CONSTANT_JITTER noise to every parameter whose entries are all equal (norm scales and shifts).
+
+    With the fresh 1 and 0, norm1 and norm2 are the same function and a learner who swaps them passes;
+    with their own random values each norm's place shows in the output. Returns the names changed.
+    """
+    changed = []
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.is_floating_point() and param.numel() > 0 and bool((param == param.flatten()[0]).all()):
+                param.add_(CONSTANT_JITTER * torch.randn_like(param))
+                changed.append(name)
+    return changed
 
 
 def copy_weights(learner: nn.Module, reference: nn.Module, name: str = "your module") -> None:
@@ -178,7 +199,9 @@ def try_check(check: Callable[[Any], bool], impl: Any) -> bool:
     try:
         return bool(check(impl))
     except NotImplementedError as e:
-        print(f"⏭️  not done yet: {e}")
+        exercise = re.match(r"Exercise (\d+\.\d+):", str(e))
+        more = f' (more help: hint("{exercise.group(1)}"))' if exercise else ""
+        print(f"⏭️  not done yet: {e}{more}")
     except AssertionError as e:
         print(f"❌ {e}")
     except Exception as e:  # a crash inside the learner's code: report it, keep the notebook going
@@ -231,8 +254,11 @@ def _compare(got: Any, expected: Any, ref_name: str, atol: float, rtol: float,
              what: str = "the output") -> tuple[str | None, float]:
     """(None, max difference) when got matches expected, else (what differs, 0)."""
     if isinstance(expected, (tuple, list)):
-        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
-            return f"{what} should be a tuple of {len(expected)} tensors, got {_kind(got)}", 0.0
+        # the exercise states the container: a list where a tuple is asked for (or the reverse) is a mistake
+        container = type(expected).__name__
+        if type(got) is not type(expected) or len(got) != len(expected):
+            return (f"{what} should be a {container} of {len(expected)} items, as the exercise states, "
+                    f"got {_kind(got)}"), 0.0
         worst = 0.0
         for j, (g, e) in enumerate(zip(got, expected)):
             problem, diff = _compare(g, e, ref_name, atol, rtol, what=f"output [{j}]")

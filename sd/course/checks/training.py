@@ -338,9 +338,9 @@ def _caption_problem(got: Any, again: Any, given: list, captions: list, expected
     if given != list(captions):
         return ("your function changed the list it was given: return a new list (the dataset's captions must stay "
                 "as they are for the next epoch)")
-    if not isinstance(got, (list, tuple)) or len(got) != len(captions):
+    if not isinstance(got, list) or len(got) != len(captions):   # the exercise asks for a new list
         what = f"a {type(got).__name__} of {len(got)} items" if isinstance(got, (list, tuple)) else repr(got)[:80]
-        return f"the output should be a list of {len(captions)} captions, got {what}"
+        return f"the output should be a list of {len(captions)} captions, as the exercise states, got {what}"
     if any(g is None for g in got):
         return ("a dropped caption is None: replace it by the empty string \"\" (CLIP encodes \"\" into the "
                 "unconditional context that guidance needs; None cannot be tokenized)")

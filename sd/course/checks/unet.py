@@ -7,6 +7,7 @@ in front of the transformer, skips used in the wrong order, ...), so a wrong ans
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -185,15 +186,17 @@ def check_geglu(cls) -> bool:
 
 
 def _transformer_block(ref: TransformerBlock, x: torch.Tensor, context: torch.Tensor, residual: str = "all",
-                       norms: str = "pre", cross_first: bool = False, keys_from_x: bool = False) -> torch.Tensor:
-    """The reference block with residuals, norms or the order of its three parts changed."""
+                       norms: str = "pre", cross_first: bool = False, keys_from_x: bool = False,
+                       norm_order: tuple[str, str, str] = ("norm1", "norm2", "norm3")) -> torch.Tensor:
+    """The reference block with residuals, norms (which one before which part) or its parts' order changed."""
     def self_attn(y):
         return ref.attn1(y)
 
     def cross_attn(y):
         return ref.attn2(y, y if keys_from_x else context)
 
-    parts = [(ref.norm1, self_attn), (ref.norm2, cross_attn), (ref.norm3, ref.ff)]
+    first, second, third = (getattr(ref, name) for name in norm_order)
+    parts = [(first, self_attn), (second, cross_attn), (third, ref.ff)]
     if cross_first:
         parts[0], parts[1] = (ref.norm1, cross_attn), (ref.norm2, self_attn)
     for i, (norm, layer) in enumerate(parts):
@@ -232,6 +235,13 @@ def check_transformer_block(cls) -> bool:
         Mistake("the cross-attention's keys and values come from x: pass the text, attn2(norm2(x), context)",
                 wrong(keys_from_x=True)),
     ]
+    # the check gives each LayerNorm its own random scale and shift, so a norm in the wrong place shows
+    for order in itertools.permutations(("norm1", "norm2", "norm3")):
+        if order != ("norm1", "norm2", "norm3"):
+            mistakes.append(Mistake(
+                f"the LayerNorms are in the wrong places ({order[0]} before attn1, {order[1]} before attn2, "
+                f"{order[2]} before ff): each part has its own, attn1 after norm1, attn2 after norm2, ff after "
+                "norm3", wrong(norm_order=order)))
     return check_module("check_transformer_block", cls, TransformerBlock, cases, mistakes,
                         hint="x = x + attn1(norm1(x)); x = x + attn2(norm2(x), context); return x + ff(norm3(x))")
 

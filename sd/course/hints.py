@@ -1,0 +1,91 @@
+"""Help with an exercise, one level at a time: `hint("6.4")` gives the next hint, `solution("6.4")` the answer.
+
+A stub says in words what to compute; the check names a mistake when it sees one; `hint` goes further each time
+it is called (an idea, then code-level help); `solution` prints the solution's code, only when asked.
+The levels are written once, as marker lines in the solved notebook (solutions/NN_topic.ipynb):
+
+    # BEGIN SOLUTION 6.4 hint: <the stub's sentence: what to compute, in words>
+    # HINT 6.4: <a more specific idea>
+    # HINT 6.4: <code-level help>
+    <the solution's code>
+    # END SOLUTION
+
+and tools/make_notebooks.py collects them into sd/course/exercises/NN_topic.json, which this module reads
+(offline: the files ship in the package).
+"""
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from importlib import resources
+
+# "6.4": notebook 6, exercise 4
+EXERCISE_NUMBER = re.compile(r"^(\d+)\.(\d+)$")
+# The generated files, inside this package: exercises/NN_topic.json
+EXERCISES_FOLDER = "exercises"
+
+# How many hints of each exercise have been shown in this session (the next call shows the next one).
+_shown: dict[str, int] = {}
+
+
+def hint(exercise: str) -> None:
+    """Print the next hint of `exercise` ("6.4"): a more specific idea first, then code-level help."""
+    number, help_ = _exercise(exercise, "hint")
+    levels = help_["hints"]
+    level = _shown.get(number, 0)
+    if level >= len(levels):
+        print(f"Exercise {number} has no more hints ({len(levels)} shown). The last one:\n{_indent(levels[-1])}\n"
+              f'The answer: solution("{number}").')
+        return
+    _shown[number] = level + 1
+    more = (f'hint("{number}") again for the next' if level + 1 < len(levels)
+            else f'the last hint; solution("{number}") prints the answer')
+    print(f"Hint {level + 1} of {len(levels)} for exercise {number} ({more}):\n{_indent(levels[level])}")
+
+
+def solution(exercise: str) -> None:
+    """Print the solution's code of `exercise` ("6.4"), to read or to paste into the exercise cell."""
+    number, help_ = _exercise(exercise, "solution")
+    print(f"Solution of exercise {number} (the code between the exercise cell's lines; mind the indentation):\n\n"
+          f"{help_['solution']}")
+
+
+def hint_levels(exercise: str) -> list[str]:
+    """Every hint of `exercise`, in the order `hint` shows them (for tools and tests)."""
+    return list(_exercise(exercise, "hint_levels")[1]["hints"])
+
+
+def reset_hints() -> None:
+    """Start every exercise's hints again from the first."""
+    _shown.clear()
+
+
+def _exercise(exercise: str, caller: str) -> tuple[str, dict]:
+    """(number, its help) for "6.4", or a one-line TypeError/ValueError."""
+    if not isinstance(exercise, str):
+        raise TypeError(f'{caller}() expects the exercise number as a string such as "6.4", '
+                        f"got {type(exercise).__name__} {exercise!r}")
+    number = exercise.strip()
+    match = EXERCISE_NUMBER.match(number)
+    if not match:
+        raise ValueError(f'{caller}() expects an exercise number such as "6.4" (notebook.exercise), got {exercise!r}')
+    exercises = _notebook_exercises(int(match.group(1)))
+    if number not in exercises:
+        known = ", ".join(sorted(exercises, key=lambda n: int(n.split(".")[1]))) or "none"
+        raise ValueError(f"{caller}(): there is no exercise {number}; notebook {match.group(1)} has {known}")
+    return number, exercises[number]
+
+
+@lru_cache(maxsize=None)
+def _notebook_exercises(notebook: int) -> dict[str, dict]:
+    """The exercises of notebook `notebook` from its generated file (empty when it has none)."""
+    folder = resources.files(__package__) / EXERCISES_FOLDER
+    for entry in folder.iterdir():
+        if entry.name.startswith(f"{notebook:02d}_") and entry.name.endswith(".json"):
+            return json.loads(entry.read_text(encoding="utf-8"))["exercises"]
+    return {}
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.split("\n"))
