@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .samplers import SAMPLERS, SAMPLING_LOOPS, NoiseLevels, StepCallback, noise_levels, q_sample, randn, sigma_of
 
@@ -167,3 +168,17 @@ class DiffusionScheduler:
                                  f"{tuple(context.shape)} (batch 1 or {batch})")
             uncond_context = uncond_context.to(device=context.device, dtype=context.dtype).expand(batch, -1, -1)
         return context, uncond_context
+
+
+def diffusion_loss(unet, scheduler: DiffusionScheduler, z0: torch.Tensor, context: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """SD's training objective on clean latents z0 (B, 4, h, w): MSE between the true and predicted noise.
+
+    Ho et al. 2020, algorithm 1; Rombach et al. 2022, eq. 2. Here, next to the schedule it noises with, because
+    both the UNet's training (sd/training/unet.py) and textual inversion (sd/adapters/) minimise it.
+    """
+    b = z0.shape[0]
+    t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator).to(z0.device)   # (B,)
+    eps = torch.randn(z0.shape, generator=generator).to(z0.device)
+    z_t = scheduler.add_noise(z0, eps, t)          # Ho et al. 2020, eq. 4
+    return F.mse_loss(unet(z_t, context, t).float(), eps)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..io.safe_read import read_tensors
-from ..training.unet import diffusion_loss
+from ..diffusion import diffusion_loss
 
 # Keys of the A1111 layouts.
 A1111_PARAMS, A1111_ANY_STRING, A1111_NAME = "string_to_param", "*", "name"

@@ -14,12 +14,11 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..clip import CLIP
 from ..config import UNetConfig
 from ..decoder import VAE_Decoder
-from ..diffusion import DiffusionScheduler
+from ..diffusion import DiffusionScheduler, diffusion_loss
 from ..encoder import VAE_Encoder
 from ..io.checkpoint import save_checkpoint
 from ..tokenizer import CLIPTokenizer
@@ -52,16 +51,6 @@ def encode_captions(clip: CLIP, tokenizer: CLIPTokenizer, captions: list[str]) -
     device = device_of(clip)
     return torch.cat([clip(tokenizer(captions[i:i + ENCODE_BATCH]).to(device)).float().cpu()
                       for i in range(0, len(captions), ENCODE_BATCH)])
-
-
-def diffusion_loss(unet, scheduler: DiffusionScheduler, z0: torch.Tensor, context: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
-    """SD's training objective on clean latents z0 (B, 4, h, w): MSE between the true and predicted noise."""
-    b = z0.shape[0]
-    t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator).to(z0.device)   # (B,)
-    eps = torch.randn(z0.shape, generator=generator).to(z0.device)
-    z_t = scheduler.add_noise(z0, eps, t)          # Ho et al. 2020, eq. 4
-    return F.mse_loss(unet(z_t, context, t).float(), eps)
 
 
 def drop_captions(context: torch.Tensor, empty: torch.Tensor, generator: torch.Generator,
