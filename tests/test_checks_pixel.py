@@ -16,10 +16,11 @@ from tests.check_helpers import rejects
 
 
 def _diffusers_ddpm(num_train_timesteps: int) -> DDPMScheduler:
-    """diffusers' DDPM with Ho et al.'s linear schedule and the posterior variance ("fixed_small")."""
+    """diffusers' DDPM with Ho et al.'s linear schedule, the posterior variance ("fixed_small"), x_0 clipped."""
     betas = linear_betas(num_train_timesteps)
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, trained_betas=betas.tolist(),
-                         variance_type="fixed_small", clip_sample=False, prediction_type="epsilon")
+                         variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0,
+                         prediction_type="epsilon")
 
 
 class ToyModel(torch.nn.Module):
@@ -92,7 +93,7 @@ def my_loss(model, x0, betas, generator):
 
 
 def my_sampler(model, x_T, timesteps, betas, generator):
-    """The x_0 form of the mean (Ho et al. eq. 7) instead of the eps form: the same numbers."""
+    """Written with a Python list of timesteps and torch.clamp: the same numbers."""
     alpha_bar = torch.cumprod(1 - betas, 0)
     x = x_T
     for i, t in enumerate(timesteps.tolist()):
@@ -100,7 +101,7 @@ def my_sampler(model, x_T, timesteps, betas, generator):
         ab_prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0)
         beta = 1 - ab / ab_prev
         eps = model(x, torch.full((len(x),), t))
-        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        x0 = torch.clamp((x - (1 - ab).sqrt() * eps) / ab.sqrt(), min=-1.0, max=1.0)
         mean = ab_prev.sqrt() * beta / (1 - ab) * x0 + (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab) * x
         if i + 1 < len(timesteps):
             mean = mean + ((1 - ab_prev) / (1 - ab) * beta).sqrt() * torch.randn(x.shape, generator=generator)
@@ -170,7 +171,7 @@ def test_check_pixel_loss_names_the_mistake(impl, mistake):
 # ---------------------------------------------------------------------------------------------------------
 
 def sampler_with(**how):
-    """my_sampler's eps form written with one learner's slip (the slips are spelled out in the branches)."""
+    """my_sampler written with one learner's slip (the slips are spelled out in the branches)."""
     def sample(model, x_T, timesteps, betas, generator):
         alpha_bar = torch.cumprod(1 - betas, 0)
         x, n = x_T, len(timesteps)
@@ -184,7 +185,10 @@ def sampler_with(**how):
             beta = 1 - alpha
             t_model = t - 1 if how.get("t_minus_one") and i + 1 < n else t
             eps = model(x, torch.full((len(x),), t_model))
-            mean = (x - beta / (1 - ab).sqrt() * eps) / alpha.sqrt()
+            x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+            if not how.get("no_clip"):
+                x0 = x0.clamp(-1, 1)
+            mean = ab_prev.sqrt() * beta / (1 - ab) * x0 + alpha.sqrt() * (1 - ab_prev) / (1 - ab) * x
             std = beta.sqrt() if how.get("beta_variance") else ((1 - ab_prev) / (1 - ab) * beta).sqrt()
             if i + 1 < n or how.get("noise_at_end"):
                 mean = mean + std * torch.randn(x.shape, generator=generator)
@@ -197,6 +201,7 @@ def sampler_with(**how):
     ({"noise_at_end": True, "beta_variance": True}, "is added at the last step too"),
     ({"beta_variance": True}, "Ho et al.'s other choice"),
     ({"wraps": True}, "the index wraps around"),
+    ({"no_clip": True}, "not clipped to [-1, 1]"),
     ({"alpha_bar_as_alpha": True}, "alpha_bar_t is used where the step's alpha_t belongs"),
 ])
 def test_check_ddpm_sampling_names_the_mistake(how, mistake):
@@ -224,7 +229,8 @@ def test_check_ddpm_sampling_names_the_off_by_one_of_the_next_timestep():
             ab_prev = alpha_bar[timesteps[i + 1]] if i + 1 < n else torch.tensor(1.0)
             beta = 1 - ab / ab_prev
             eps = model(x, torch.full((len(x),), int(shifted[i]) if i + 1 < n else 0))
-            x_new = (x - beta / (1 - ab).sqrt() * eps) / (1 - beta).sqrt()
+            x0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
+            x_new = ab_prev.sqrt() * beta / (1 - ab) * x0 + (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab) * x
             if i + 1 < n:
                 x_new = x_new + ((1 - ab_prev) / (1 - ab) * beta).sqrt() * torch.randn(x.shape, generator=generator)
             x = x_new

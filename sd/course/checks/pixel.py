@@ -4,9 +4,9 @@ Both exercises draw random numbers, so both take a `torch.Generator`: the check 
 the reference with generators seeded alike and compares the results (for the loss, also the gradients it sends
 into the model's weights). The model is a small stand-in with the notebook's call, model(x_t, t) -> eps, linear
 in x_t, so every coefficient shows in the numbers. The references are written here, after Ho et al. 2020,
-Algorithms 1 and 2 (tests/test_checks_pixel.py compares them with diffusers' DDPMScheduler). The `Mistake`s
-recompute them the typical wrong ways (x_0 as the target, alpha_t where alpha_bar_t belongs, a missing square
-root, noise added at the last step, t off by one, ...), so a wrong answer is named, not just reported.
+Algorithms 1 and 2, with the clipping of the predicted x_0 to [-1, 1] that their code does
+(tests/test_checks_pixel.py compares them with diffusers' DDPMScheduler). The `Mistake`s recompute them the typical wrong ways (x_0 as the target, alpha_t where alpha_bar_t belongs, a missing square
+root, x_0 not clipped, t off by one, ...), so a wrong answer is named, not just reported.
 """
 from __future__ import annotations
 
@@ -240,14 +240,14 @@ def check_pixel_loss(fn) -> bool:
 @torch.no_grad()
 def reference_ddpm_sample(model, x_T: torch.Tensor, timesteps: torch.Tensor, betas: torch.Tensor,
                           generator: torch.Generator) -> torch.Tensor:
-    """Ancestral sampling from x_T down the given timesteps; the last step lands on x_0 without noise."""
+    """Ancestral sampling from x_T down the given timesteps, predicted x_0 clipped to [-1, 1] as in Ho et al.'s code."""
     return _wrong_sample(model, x_T, timesteps, betas, generator)
 
 
 @torch.no_grad()
 def _wrong_sample(model, x_T, timesteps, betas, generator, *, noise_at_end: bool = False, add_noise: bool = True,
-                  model_t: str = "t", alpha: str = "jump", sqrt_eps: bool = True, variance: str = "posterior",
-                  sqrt_std: bool = True, prev: str = "next"):
+                  model_t: str = "t", alpha: str = "jump", x0_sqrt: bool = True, clip: bool = True,
+                  variance: str = "posterior", sqrt_std: bool = True, prev: str = "next", eps_as_x0: bool = False):
     """The sampling loop with one thing done a chosen wrong way (the defaults are the right way)."""
     alpha_bar = torch.cumprod(1 - betas, dim=0)
     x, n = x_T, len(timesteps)
@@ -262,8 +262,14 @@ def _wrong_sample(model, x_T, timesteps, betas, generator, *, noise_at_end: bool
         eps = model(x, torch.full((x.shape[0],), t_in, dtype=torch.long))
         alpha_t = {"jump": ab_t / ab_prev, "bar": ab_t, "train": 1 - betas[t]}[alpha]
         beta_t = 1 - alpha_t
-        eps_coef = beta_t / ((1 - ab_t).sqrt() if sqrt_eps else (1 - ab_t))
-        mean = (x - eps_coef * eps) / alpha_t.sqrt()         # mu_theta, Ho et al. 2020, eq. 11
+        if eps_as_x0:
+            x0 = eps
+        else:
+            x0 = (x - (1 - ab_t).sqrt() * eps) / (ab_t.sqrt() if x0_sqrt else ab_t)   # eq. 15
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        # the posterior mean mu_tilde(x_t, x0), Ho et al. 2020, eq. 7
+        mean = ab_prev.sqrt() * beta_t / (1 - ab_t) * x0 + alpha_t.sqrt() * (1 - ab_prev) / (1 - ab_t) * x
         var = {"posterior": (1 - ab_prev) / (1 - ab_t) * beta_t, "beta": beta_t}[variance]   # beta_tilde, eq. 7
         std = var.clamp(min=0).sqrt() if sqrt_std else var
         if add_noise and (not last or noise_at_end):
@@ -305,7 +311,7 @@ def _sample_cases() -> list[Case]:
 
 
 def check_ddpm_sampling(fn) -> bool:
-    """fn(model, x_T, timesteps (n,), betas (T,), generator) -> x_0: DDPM's ancestral steps down the timesteps."""
+    """fn(model, x_T, timesteps (n,), betas (T,), generator) -> x_0: DDPM's ancestral steps, x_0 clipped to [-1, 1]."""
     def wrong(**how):
         return lambda ref, c: _sample_outputs(lambda *a: _wrong_sample(*a, **how), c)
 
@@ -328,8 +334,13 @@ def check_ddpm_sampling(fn) -> bool:
                 "alpha_t = alpha_bar_t / alpha_bar_prev", wrong(alpha="train")),
         Mistake("alpha_bar_prev is taken at t - 1, but the run jumps to the next of its timesteps: "
                 "alpha_bar_prev = alpha_bar[timesteps[i + 1]] (1 after the last step)", wrong(prev="t_minus_1")),
-        Mistake("the square root is missing under 1 - alpha_bar_t: mean = (x_t - beta_t / sqrt(1 - alpha_bar_t) "
-                "* eps) / sqrt(alpha_t), Ho et al. 2020, eq. 11", wrong(sqrt_eps=False)),
+        Mistake("the predicted x_0 is not clipped to [-1, 1]: an undertrained model's x_0 overshoots the pixel "
+                "range, and the clipping (in Ho et al.'s code, and diffusers' clip_sample) keeps the run in it",
+                wrong(clip=False)),
+        Mistake("predicted x_0 divides by alpha_bar_t: the square root is missing, "
+                "x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)", wrong(x0_sqrt=False)),
+        Mistake("the model's output is used as x_0: this model predicts the noise; x_0 = (x_t - sqrt(1 - "
+                "alpha_bar_t) eps) / sqrt(alpha_bar_t)", wrong(eps_as_x0=True)),
         Mistake("the noise is multiplied by the variance beta_tilde_t: multiply it by the standard deviation "
                 "sqrt(beta_tilde_t)", wrong(sqrt_std=False)),
         Mistake("the noise has variance beta_t (Ho et al.'s other choice, sigma_t^2 = beta_t): this exercise uses "
@@ -337,9 +348,10 @@ def check_ddpm_sampling(fn) -> bool:
                 wrong(variance="beta")),
     ]
     hint = ("for each step i: t = timesteps[i], alpha_bar_prev = alpha_bar[timesteps[i + 1]] (1 after the last); "
-            "alpha_t = alpha_bar_t / alpha_bar_prev, beta_t = 1 - alpha_t; eps = model(x, t); mean = (x - beta_t / "
-            "sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t); x = mean + sqrt(beta_tilde_t) * torch.randn(x.shape, "
-            "generator=generator), except after the last step")
+            "alpha_t = alpha_bar_t / alpha_bar_prev, beta_t = 1 - alpha_t; eps = model(x, t); x0 = ((x - sqrt(1 - "
+            "alpha_bar_t) eps) / sqrt(alpha_bar_t)).clamp(-1, 1); mean = sqrt(alpha_bar_prev) beta_t / (1 - alpha_bar_t) "
+            "x0 + sqrt(alpha_t) (1 - alpha_bar_prev) / (1 - alpha_bar_t) x; x = mean + sqrt(beta_tilde_t) * "
+            "torch.randn(x.shape, generator=generator), except after the last step")
 
     def describe(c):
         ts = c.inputs["timesteps"]
