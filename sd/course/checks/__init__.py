@@ -9,7 +9,9 @@ from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge
 from .common import pick, try_check
 from .diffusion import check_add_noise, check_schedule
 from .pipeline import check_text_to_image
+from .pixel import check_ddpm_sampling, check_pixel_loss
 from .sampling import check_classifier_free_guidance, check_ddim_step, check_ddpm_step, check_previous_alpha_bars
+from .sigma import check_euler_step, check_karras_sigmas
 from .training import check_drop_captions, check_unet_training_loss
 from .unet import (check_geglu, check_res_block, check_spatial_transformer, check_timestep_embedding,
                    check_transformer_block, check_unet_forward)
@@ -28,6 +30,8 @@ __all__ = [
     "check_vae_encoder", "check_vae_decoder",
     # 03 CLIP
     "check_merge_pair", "check_bpe", "check_clip_embedding", "check_quick_gelu", "check_clip_layer",
+    # 03b diffusion from scratch in pixels
+    "check_pixel_loss", "check_ddpm_sampling",
     # 04 UNet
     "check_timestep_embedding", "check_res_block", "check_geglu", "check_transformer_block",
     "check_spatial_transformer", "check_unet_forward",
@@ -35,6 +39,8 @@ __all__ = [
     "check_schedule", "check_add_noise",
     # 06 sampling
     "check_ddpm_step", "check_ddim_step", "check_previous_alpha_bars", "check_classifier_free_guidance",
+    # 06b the sigma view
+    "check_euler_step", "check_karras_sigmas",
     # 07 text to image
     "check_text_to_image",
     # 08 training
