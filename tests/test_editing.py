@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import sd
-from sd.cli import OneLineParser
-from sd.cli.inpaint import add_parser
+from sd.cli import main
 from sd.editing.guidance import colour_loss, generate_with_loss, loss_guidance
 from sd.editing.inpaint import inpaint, latent_mask, mask_to_tensor
 from sd.editing.interpolation import interpolate, lerp, slerp
@@ -182,27 +181,26 @@ def test_colour_guidance_pulls_the_image_towards_the_colour(shipped):
 
 
 # --- the command line -----------------------------------------------------------------------------------------
-def inpaint_command(argv):
-    parser = OneLineParser(prog="python -m sd")
-    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
-    args = parser.parse_args(argv)
-    args.run(args)
+def inpaint_command(argv) -> int:
+    """`python -m sd inpaint ...` in this process: the exit code."""
+    return main(argv)
 
 
 def test_inpaint_command_writes_the_repainted_image(picture, tmp_path, capsys):
     from PIL import Image
     picture[0].save(tmp_path / "in.png")
     Image.fromarray((RIGHT_HALF * 255).astype(np.uint8)).save(tmp_path / "mask.png")
-    inpaint_command(["inpaint", str(tmp_path / "in.png"), str(tmp_path / "mask.png"), "a red circle",
-                     "--steps", "2", "--seed", "0", "--device", "cpu", "--keep-original-pixels",
-                     "--out", str(tmp_path / "out.png")])
+    assert inpaint_command(["inpaint", str(tmp_path / "in.png"), str(tmp_path / "mask.png"), "a red circle",
+                            "--steps", "2", "--seed", "0", "--device", "cpu", "--keep-original-pixels",
+                            "--out", str(tmp_path / "out.png")]) == 0
     out = as_tensor(Image.open(tmp_path / "out.png"))
     kept = torch.from_numpy(RIGHT_HALF == 0)
     assert out.shape == (1, 3, SIZE, SIZE) and "inpainted" in capsys.readouterr().out
     assert torch.allclose(out[..., kept], as_tensor(picture[0])[..., kept], atol=1 / 255)
 
 
-def test_inpaint_command_says_which_file_it_cannot_read(picture, tmp_path):
+def test_inpaint_command_says_which_file_it_cannot_read(picture, tmp_path, capsys):
     picture[0].save(tmp_path / "in.png")
-    with pytest.raises(ValueError, match="cannot read the mask"):
-        inpaint_command(["inpaint", str(tmp_path / "in.png"), str(tmp_path / "missing.png"), "x"])
+    assert inpaint_command(["inpaint", str(tmp_path / "in.png"), str(tmp_path / "missing.png"), "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read the mask" in err[0]

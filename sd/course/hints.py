@@ -24,6 +24,8 @@ from importlib import resources
 EXERCISE_NUMBER = re.compile(r"^(\d+)\.(\d+)$")
 # The generated files, inside this package: exercises/NN_topic.json
 EXERCISES_FOLDER = "exercises"
+# Their names: NN_topic.json, or NNb_topic.json for a notebook between NN and NN+1.
+NOTEBOOK_FILE = re.compile(r"^\d\d[a-z]?_[a-z0-9_]+\.json$")
 
 # How many hints of each exercise have been shown in this session (the next call shows the next one).
 _shown: dict[str, int] = {}
@@ -79,12 +81,14 @@ def _exercise(exercise: str, caller: str) -> tuple[str, dict]:
 
 @lru_cache(maxsize=None)
 def _notebook_exercises(notebook: int) -> dict[str, dict]:
-    """The exercises of notebook `notebook` from its generated file (empty when it has none)."""
+    """The exercises of notebook `notebook` from its generated files (empty when it has none). A notebook placed
+    between two others (03b_ after 03_) continues its number's exercises: 3.11, 3.12, ..."""
     folder = resources.files(__package__) / EXERCISES_FOLDER
-    for entry in folder.iterdir():
-        if entry.name.startswith(f"{notebook:02d}_") and entry.name.endswith(".json"):
-            return json.loads(entry.read_text(encoding="utf-8"))["exercises"]
-    return {}
+    exercises: dict[str, dict] = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if NOTEBOOK_FILE.match(entry.name) and int(entry.name[:2]) == notebook:
+            exercises.update(json.loads(entry.read_text(encoding="utf-8"))["exercises"])
+    return exercises
 
 
 def _indent(text: str) -> str:
