@@ -21,7 +21,6 @@ from torch import nn
 
 from .data import (ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, COLORS, HELD_OUT, POSITIONS, SHAPES, SIZES, ShapesDataset,
                    caption_for, training_combinations)
-from .text import COORD_CHANNELS, with_coordinates
 
 DEFAULT_GUIDANCE = 5.0          # guidance scale of the evaluation's guided run (small models need less than SD's 7.5)
 DEFAULT_STEPS = 25              # DDIM steps of the evaluation's own runs
@@ -59,6 +58,17 @@ def prompt_caption(key: tuple) -> str:
 
 
 # --- the judge -----------------------------------------------------------------------------------------------------
+
+COORD_CHANNELS = 2             # x and y of each pixel in [-1, 1], appended to the judge's RGB input
+
+
+def with_coordinates(image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 5, H, W): RGB plus each pixel's x and y in [-1, 1] (left and top are -1)."""
+    b, _, h, w = image.shape
+    y = torch.linspace(-1, 1, h, device=image.device, dtype=image.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+    x = torch.linspace(-1, 1, w, device=image.device, dtype=image.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([image, x, y], dim=1)
+
 
 class AttributeClassifier(nn.Module):
     """A small CNN with five heads, one per attribute (ATTRIBUTE_NAMES); pixel coordinates are appended to

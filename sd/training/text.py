@@ -9,8 +9,8 @@ A caption describes an image when every attribute it says (shape, color, backgro
 when it says them) is the image's: the objective must see all five, or the text states never learn them.
 With only shape, color and background as labels, "top left" and "top right" were the same caption to the
 loss: their end-token states differed by 0.3% and the UNet, which reads most of its cross-attention from
-those states, drew left and right at random. The image tower sees where things are through two coordinate
-channels (CoordConv, Liu et al. 2018), since its global pooling would otherwise forget position.
+those states, drew left and right at random. The image tower sees where things are: it keeps the
+feature map it projects whole (no global pooling, which would forget position).
 """
 from __future__ import annotations
 
@@ -33,41 +33,34 @@ INIT_TEMPERATURE = 0.07
 MAX_LOGIT_SCALE = 100.0
 
 
-COORD_CHANNELS = 2             # x and y of each pixel in [-1, 1], appended to the RGB input
-
-
-def with_coordinates(image: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 5, H, W): RGB plus each pixel's x and y in [-1, 1] (left/top is -1)."""
-    b, _, h, w = image.shape
-    y = torch.linspace(-1, 1, h, device=image.device, dtype=image.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
-    x = torch.linspace(-1, 1, w, device=image.device, dtype=image.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
-    return torch.cat([image, x, y], dim=1)
-
-
 class ImageEncoder(nn.Module):
-    """CLIP's image tower in miniature: coordinates appended, three stride-2 convolutions, global average pool,
-    a projection."""
+    """CLIP's image tower in miniature: three stride-2 convolutions, then a projection of the whole feature map.
 
-    def __init__(self, width: int, embed_dim: int):
+    Not a global average pool: pooling forgets where things are, and position is part of what a caption says.
+    Projecting the flattened map keeps it, as CLIP's ViT keeps it through its position embeddings.
+    """
+
+    def __init__(self, width: int, embed_dim: int, image_size: int = 32):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(3 + COORD_CHANNELS, width, 3, stride=2, padding=1), nn.SiLU(),   # (B, 5, H, W) -> (B, w, H/2, W/2)
+            nn.Conv2d(3, width, 3, stride=2, padding=1), nn.SiLU(),              # (B, 3, H, W) -> (B, w, H/2, W/2)
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),      # -> (B, 2w, H/4, W/4)
             nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.SiLU(),  # -> (B, 4w, H/8, W/8)
         )
-        self.proj = nn.Linear(4 * width, embed_dim)
+        cells = math.ceil(image_size / 8) ** 2
+        self.proj = nn.Linear(4 * width * cells, embed_dim)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.net(with_coordinates(image)).mean(dim=(2, 3)))   # (B, 4w) -> (B, D)
+        return self.proj(self.net(image).flatten(1))                          # (B, 4w * H/8 * W/8) -> (B, D)
 
 
 class ContrastivePair(nn.Module):
     """Text model + image encoder + projections + temperature: everything the contrastive loss trains."""
 
-    def __init__(self, clip_config: CLIPConfig, image_width: int, embed_dim: int, eos_id: int):
+    def __init__(self, clip_config: CLIPConfig, image_width: int, embed_dim: int, eos_id: int, image_size: int = 32):
         super().__init__()
         self.clip = CLIP(clip_config)
-        self.image_encoder = ImageEncoder(image_width, embed_dim)
+        self.image_encoder = ImageEncoder(image_width, embed_dim, image_size)
         self.text_projection = nn.Linear(clip_config.width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / INIT_TEMPERATURE)))
         self.eos_id = eos_id
@@ -115,7 +108,7 @@ def train_text_encoder(dataset: ShapesDataset, clip_config: CLIPConfig, image_wi
     """Learn the tokenizer, then train CLIP contrastively; writes <out>/text.safetensors and <out>/tokenizer/."""
     tokenizer = learn_tokenizer(dataset.captions, num_merges)
     clip_config = dataclasses.replace(clip_config, vocab_size=len(tokenizer))
-    pair = ContrastivePair(clip_config, image_width, embed_dim, tokenizer.eos_id)
+    pair = ContrastivePair(clip_config, image_width, embed_dim, tokenizer.eos_id, dataset.image_size)
     captions = sorted(set(dataset.captions))
     caption_tokens = tokenizer(captions)                                       # (N_captions, 77)
     # The text model is causal, so the end token's state never sees the padding after it: the loss needs
