@@ -2,8 +2,9 @@
 import torch
 import torch.nn.functional as F
 
-from sd.training.data import NOT_SAID, ShapesDataset
-from sd.training.text import ImageEncoder, caption_describes, contrastive_loss
+from sd.config import CLIPConfig
+from sd.training.data import ATTRIBUTE_NAMES, NOT_SAID, ShapesDataset
+from sd.training.text import ContrastivePair, ImageEncoder, caption_describes, contrastive_loss
 
 
 def test_a_caption_describes_an_image_when_every_attribute_it_says_is_the_images():
@@ -53,3 +54,19 @@ def test_the_image_tower_tells_a_shape_on_the_left_from_the_same_shape_on_the_ri
     torch.testing.assert_close(*pooled)                      # what a global pool would have seen
     gap = (encoder(left) - encoder(right)).abs().max()
     assert gap > 1e-4, gap                                   # a pool: ~1e-9
+
+
+def test_caption_reading_loss_covers_the_end_and_padding_states_and_skips_what_is_not_said():
+    torch.manual_seed(0)
+    pair = ContrastivePair(CLIPConfig(vocab_size=10, width=8, layers=1, heads=2, mlp_width=16), 4, 8, eos_id=9)
+    hidden = torch.randn(2, 6, 8)
+    eos = torch.tensor([3, 4])                               # caption 0 ends at 3 (states 3, 4, 5), caption 1 at 4
+    said = torch.tensor([[0, 1, 2, NOT_SAID, 3],
+                         [2, 0, 1, 1, NOT_SAID]])
+    states = torch.cat([hidden[0, 3:], hidden[1, 4:]])       # (5, 8)
+    rows = torch.cat([said[0].expand(3, 5), said[1].expand(2, 5)])
+    expected = 0
+    for k, name in enumerate(ATTRIBUTE_NAMES):
+        keep = rows[:, k] != NOT_SAID
+        expected = expected + F.cross_entropy(pair.attribute_heads[name](states[keep]), rows[keep, k])
+    torch.testing.assert_close(pair.attribute_loss(hidden, eos, said), expected)
