@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from sd.training.data import (COLORS, HELD_OUT, PALETTE, SHAPES, Attributes, ShapesDataset, all_combinations, caption_for,
-                     draw, show_grid, training_combinations)
+from sd.training.data import (ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, COLORS, HELD_OUT, NOT_SAID, PALETTE, POSITIONS, SHAPES,
+                              Attributes, ShapesDataset, all_combinations, caption_for, draw, show_grid,
+                              training_combinations)
 
 
 def _rgb(name):
@@ -22,8 +23,8 @@ def test_items_are_images_in_sd_range_with_caption_and_labels():
     assert item["image"].shape == (3, 64, 64)
     assert item["image"].min() >= -1 and item["image"].max() <= 1
     attrs = ds.attributes[5]
-    assert (SHAPES[item["shape"]], COLORS[item["color"]], COLORS[item["background"]]) == \
-        (attrs.shape, attrs.color, attrs.background)
+    assert tuple(ATTRIBUTE_VALUES[name][item[name]] for name in ATTRIBUTE_NAMES) == \
+        (attrs.shape, attrs.color, attrs.background, attrs.size, attrs.position)
     for word in (attrs.shape, attrs.color, f"{attrs.background} background"):
         assert word in item["caption"]
 
@@ -95,3 +96,32 @@ def test_grid_has_one_panel_per_image_with_its_caption():
     fig = show_grid(ds.pixels(slice(None)), ds.captions, ncols=3)
     titles = [ax.get_title().replace("\n", " ") for ax in fig.axes if ax.images]
     assert titles == ds.captions
+
+
+def test_labels_hold_all_five_attributes_and_said_marks_what_the_caption_says():
+    ds = ShapesDataset(400, seed=2)
+    assert ds.labels.shape == ds.said.shape == (400, 5)
+    for i in range(400):
+        a, caption = ds.attributes[i], ds.captions[i]
+        assert ds.labels[i].tolist() == [ATTRIBUTE_VALUES[n].index(getattr(a, n)) for n in ATTRIBUTE_NAMES]
+        said = ds.said[i].tolist()
+        assert said[:3] == ds.labels[i, :3].tolist()              # shape, color, background: always said
+        assert (said[3] != NOT_SAID) == (f"a {a.size} " in caption)
+        assert (said[4] != NOT_SAID) == (" in the " in caption)
+        if said[4] != NOT_SAID:
+            assert caption.endswith(f"in the {a.position}")
+    # both forms are common: short prompts are seen, and most small shapes' captions say where they are
+    small = ds.labels[:, 3] == ATTRIBUTE_VALUES["size"].index("small")
+    placed = (ds.said[small, 4] != NOT_SAID).float().mean()
+    assert 0.6 < placed < 0.9, placed
+    assert 0.35 < (ds.said[:, 3] != NOT_SAID).float().mean() < 0.65
+
+
+def test_left_and_right_are_drawn_where_the_caption_says():
+    # the shape's colour centroid lies on the named side, on both axes (nothing is mirrored)
+    for position in POSITIONS[1:]:
+        img = draw(Attributes("circle", "white", "black", "small", position), 32)[0]
+        mask = img > 0.5
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        cx, cy = xs.float().mean() + 0.5, ys.float().mean() + 0.5
+        assert (cx < 16) == ("left" in position) and (cy < 16) == ("top" in position), (position, cx, cy)

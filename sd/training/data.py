@@ -52,9 +52,17 @@ JITTER = 1.5                     # random shift of the centre, pixels
 SQUARE_SCALE = 0.89              # half side of a square of about a circle's area: sqrt(pi)/2
 TRIANGLE_SCALE = 1.15            # half side of the equilateral triangle (sqrt(pi/sqrt(3)) = 1.35 would crowd)
 # Caption parts that are sometimes left out, so short prompts ("a red circle on a blue background") are seen.
+# Position words are kept more often than not: only small shapes have them, and a caption without them
+# teaches nothing about where to draw (at 0.5, only a quarter of all captions said where).
 P_SIZE_WORD = 0.5
-P_POSITION_WORDS = 0.5
+P_POSITION_WORDS = 0.75
 OFFSETS = {"center": (0, 0), "top left": (-1, -1), "top right": (1, -1), "bottom left": (-1, 1), "bottom right": (1, 1)}
+
+
+# The five attributes in the order of a label row; shape, color and background are always in the caption.
+ATTRIBUTE_NAMES = ("shape", "color", "background", "size", "position")
+ATTRIBUTE_VALUES = {"shape": SHAPES, "color": COLORS, "background": COLORS, "size": SIZES, "position": POSITIONS}
+NOT_SAID = -1                    # label of an attribute the caption leaves out
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,10 @@ class Attributes:
     background: str
     size: str
     position: str
+
+    def label(self) -> list[int]:
+        """Indices of the five attributes into ATTRIBUTE_VALUES, in ATTRIBUTE_NAMES order."""
+        return [ATTRIBUTE_VALUES[name].index(getattr(self, name)) for name in ATTRIBUTE_NAMES]
 
 
 def caption_for(shape: str, color: str, background: str, size: str | None = None, position: str | None = None) -> str:
@@ -125,7 +137,8 @@ def draw(attributes: Attributes, image_size: int = REFERENCE_SIZE, radius: float
     return bg + (fg - bg) * coverage                                      # (3, H, W)
 
 
-def _sample(rng: np.random.Generator, combos: list, image_size: int) -> tuple[torch.Tensor, str, Attributes]:
+def _sample(rng: np.random.Generator, combos: list, image_size: int) -> tuple[torch.Tensor, str, Attributes, list[int]]:
+    """One image, its caption, its attributes, and the caption's label row (NOT_SAID where a word is left out)."""
     shape, color, background = combos[rng.integers(len(combos))]
     size = SIZES[rng.integers(len(SIZES))]
     position = "center" if size == "large" else POSITIONS[rng.integers(len(POSITIONS))]
@@ -136,10 +149,12 @@ def _sample(rng: np.random.Generator, combos: list, image_size: int) -> tuple[to
     cx = image_size / 2 + (dx * CORNER_OFFSET + rng.uniform(-JITTER, JITTER)) * scale
     cy = image_size / 2 + (dy * CORNER_OFFSET + rng.uniform(-JITTER, JITTER)) * scale
     image = draw(attributes, image_size, radius, (cx, cy))
-    caption = caption_for(shape, color, background,
-                          size if rng.random() < P_SIZE_WORD else None,
-                          position if size == "small" and rng.random() < P_POSITION_WORDS else None)
-    return image, caption, attributes
+    said_size = size if rng.random() < P_SIZE_WORD else None
+    said_position = position if size == "small" and rng.random() < P_POSITION_WORDS else None
+    said = attributes.label()
+    said[3] = said[3] if said_size else NOT_SAID
+    said[4] = said[4] if said_position else NOT_SAID
+    return image, caption_for(shape, color, background, said_size, said_position), attributes, said
 
 
 SPLITS = ("train", "held_out", "all")
@@ -150,7 +165,9 @@ class ShapesDataset(Dataset):
 
     split: "train" never draws a HELD_OUT combination, "held_out" draws only those, "all" draws from all 90.
     Items are dicts: image (3, H, W) in [-1, 1] (SD's pixel range), caption, and the attribute indices
-    shape, color, background (into SHAPES, COLORS, COLORS).
+    shape, color, background, size, position (into SHAPES, COLORS, COLORS, SIZES, POSITIONS).
+    `labels` (N, 5) holds those indices for every image, `said` (N, 5) the same where the caption says the
+    attribute and NOT_SAID where it leaves it out (size and position words are sometimes dropped).
     """
 
     def __init__(self, length: int = 10_000, image_size: int = REFERENCE_SIZE, seed: int = 0, split: str = "train"):
@@ -162,16 +179,17 @@ class ShapesDataset(Dataset):
             raise ValueError(f"length must be a positive integer, got {length!r}")
         combos = {"train": training_combinations(), "held_out": list(HELD_OUT), "all": all_combinations()}[split]
         rng = np.random.default_rng([seed, SPLITS.index(split)])
-        images, self.captions, self.attributes = [], [], []
+        images, self.captions, self.attributes, said = [], [], [], []
         for _ in range(length):
-            image, caption, attributes = _sample(rng, combos, image_size)
+            image, caption, attributes, caption_label = _sample(rng, combos, image_size)
             images.append(image)
             self.captions.append(caption)
             self.attributes.append(attributes)
+            said.append(caption_label)
         # stored as bytes: 10,000 images at 32 x 32 take 30 MB
         self.images = (torch.stack(images) * 255).round().to(torch.uint8)    # (N, 3, H, W)
-        self.labels = torch.tensor([[SHAPES.index(a.shape), COLORS.index(a.color), COLORS.index(a.background)]
-                                    for a in self.attributes], dtype=torch.long)   # (N, 3)
+        self.labels = torch.tensor([a.label() for a in self.attributes], dtype=torch.long)   # (N, 5)
+        self.said = torch.tensor(said, dtype=torch.long)                                    # (N, 5)
         self.image_size, self.seed, self.split = image_size, seed, split
 
     def __len__(self) -> int:
@@ -182,9 +200,8 @@ class ShapesDataset(Dataset):
         return self.images[index].float() / 127.5 - 1
 
     def __getitem__(self, i: int) -> dict:
-        shape, color, background = self.labels[i].tolist()
         return {"image": self.pixels(i), "caption": self.captions[i],
-                "shape": shape, "color": color, "background": background}
+                **dict(zip(ATTRIBUTE_NAMES, self.labels[i].tolist()))}
 
 
 def to_pil(images: torch.Tensor) -> list:

@@ -1,11 +1,15 @@
 """Measured quality of a model trained on the shapes: prompt accuracy, judged by an attribute classifier.
 
-1. An attribute classifier (a small CNN: shape, color, background) is trained on the dataset's ground truth
-   and must be at least 99% right on fresh real images before its judgement counts.
-2. The model generates images for a fixed prompt set: every held-out combination (never seen in training)
-   and as many seen ones; an image is right when its shape, color and background all match the prompt.
-3. The same with and without classifier-free guidance; plus the VAE's reconstruction PSNR.
-Generation uses the scheduler directly (CLIP -> UNet loop -> VAE decoder), as in the seed's pipeline.
+1. An attribute classifier (a small CNN: shape, color, background, size, position) is trained on the dataset's
+   ground truth and must be at least 99% right on fresh real images, for every attribute, before its
+   judgement counts.
+2. The model draws a fixed prompt set of full captions ("a small red circle on a blue background in the top
+   left"): every held-out (shape, color, background) combination and twice as many seen ones, each in all six
+   layouts (large in the centre, small in one of five places). An image is right when all five attributes
+   match the prompt (the whole caption); each attribute is counted too, seen and held-out combinations apart.
+3. At `generate`'s defaults (50 DDIM steps, guidance 7.5), at the evaluation's own settings (25 steps,
+   guidance 5) and without guidance; plus the VAE's reconstruction PSNR.
+Images come from the model's own pipeline (`model.generate`): its scheduler, its memory savers, its settings.
 """
 from __future__ import annotations
 
@@ -15,54 +19,80 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import COLORS, HELD_OUT, SHAPES, ShapesDataset, caption_for, training_combinations
-from ..diffusion import DiffusionScheduler
+from .data import (ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, COLORS, HELD_OUT, POSITIONS, SHAPES, SIZES, ShapesDataset,
+                   caption_for, training_combinations)
 
-DEFAULT_GUIDANCE = 5.0          # guidance scale of the guided run (small models need less than SD's 7.5)
-DEFAULT_STEPS = 25              # DDIM steps
-DEFAULT_PER_PROMPT = 8          # images per prompt
-CLASSIFIER_MIN_ACCURACY = 0.99  # the judge must be this good on real images, or the evaluation stops
+DEFAULT_GUIDANCE = 5.0          # guidance scale of the evaluation's guided run (small models need less than SD's 7.5)
+DEFAULT_STEPS = 25              # DDIM steps of the evaluation's own runs
+GENERATE_GUIDANCE, GENERATE_STEPS = 7.5, 50   # StableDiffusion.generate's defaults (SD's)
+DEFAULT_PER_PROMPT = 4          # images per prompt: 108 prompts, 432 images per run
+CLASSIFIER_MIN_ACCURACY = 0.99  # the judge must be this good on real images, per attribute, or the evaluation stops
 CLASSIFIER_FILE = Path(__file__).parent.parent / "assets" / "attribute_classifier.safetensors"
 # Seeds of the classifier's own data, apart from the training data's seed 0.
 CLASSIFIER_TRAIN_SEED, CLASSIFIER_TEST_SEED = 101, 102
 CLASSIFIER_TRAIN_SIZE, CLASSIFIER_TEST_SIZE = 12_000, 2_000
-CLASSIFIER_STEPS, CLASSIFIER_BATCH, CLASSIFIER_LR = 600, 128, 2e-3
+CLASSIFIER_STEPS, CLASSIFIER_BATCH, CLASSIFIER_LR = 1000, 128, 2e-3
 BLUR_PROBABILITY = 0.5          # augmentation: generated images are softer than drawn ones
 NOISE_STD = 0.05                # augmentation: small pixel noise, in the [-1, 1] range
 PSNR_IMAGES = 512
+# The six layouts a full caption can ask for: a large shape sits in the centre, a small one anywhere.
+LAYOUTS = (("large", "center"),) + tuple(("small", p) for p in POSITIONS)
 
 
-def prompt_set() -> list[tuple[tuple[str, str, str], bool]]:
-    """The fixed evaluation prompts as ((shape, color, background), held_out): all 6 held-out, 12 seen."""
+def prompt_set() -> list[tuple[tuple[str, str, str, str, str], bool]]:
+    """The fixed evaluation prompts as ((shape, color, background, size, position), held_out): the 6 held-out
+    combinations and 12 seen ones, each in the six LAYOUTS (108 prompts)."""
     seen = training_combinations()
     step = len(seen) // len(HELD_OUT) // 2           # spread the seen ones over all shapes and colors
-    return [(c, True) for c in HELD_OUT] + [(c, False) for c in seen[::step][:2 * len(HELD_OUT)]]
+    combos = [(c, True) for c in HELD_OUT] + [(c, False) for c in seen[::step][:2 * len(HELD_OUT)]]
+    return [((*c, *layout), held) for c, held in combos for layout in LAYOUTS]
+
+
+def prompt_caption(key: tuple) -> str:
+    """The caption of a prompt key: (shape, color, background) or (shape, color, background, size, position);
+    a large shape's caption names no place (it is always in the centre)."""
+    if len(key) == 3:
+        return caption_for(*key)
+    shape, color, background, size, position = key
+    return caption_for(shape, color, background, size, position if size == "small" else None)
 
 
 # --- the judge -----------------------------------------------------------------------------------------------------
 
+COORD_CHANNELS = 2             # x and y of each pixel in [-1, 1], appended to the judge's RGB input
+
+
+def with_coordinates(image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 5, H, W): RGB plus each pixel's x and y in [-1, 1] (left and top are -1)."""
+    b, _, h, w = image.shape
+    y = torch.linspace(-1, 1, h, device=image.device, dtype=image.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+    x = torch.linspace(-1, 1, w, device=image.device, dtype=image.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([image, x, y], dim=1)
+
+
 class AttributeClassifier(nn.Module):
-    """A small CNN with three heads: which shape, which color, which background color."""
+    """A small CNN with five heads, one per attribute (ATTRIBUTE_NAMES); pixel coordinates are appended to
+    its input (CoordConv, Liu et al. 2018) so that its pooled features still know where the shape is."""
 
     def __init__(self, width: int = 32):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),              # (B, w, H/2, W/2)
+            nn.Conv2d(3 + COORD_CHANNELS, width, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),   # (B, w, H/2, W/2)
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),      # (B, 2w, H/4, W/4)
             nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.SiLU(),                   # (B, 4w, H/4, W/4)
         )
-        self.shape = nn.Linear(8 * width, len(SHAPES))
-        self.color = nn.Linear(8 * width, len(COLORS))
-        self.background = nn.Linear(8 * width, len(COLORS))
+        self.heads = nn.ModuleDict({name: nn.Linear(8 * width, len(ATTRIBUTE_VALUES[name]))
+                                    for name in ATTRIBUTE_NAMES})
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = self.features(image)
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, 3, H, W) in [-1, 1] -> one (B, n_values) logit tensor per attribute, in ATTRIBUTE_NAMES order."""
+        h = self.features(with_coordinates(image))
         pooled = torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], dim=1)     # (B, 4w) max and mean -> (B, 8w)
-        return self.shape(pooled), self.color(pooled), self.background(pooled)
+        return tuple(self.heads[name](pooled) for name in ATTRIBUTE_NAMES)
 
     @torch.no_grad()
     def predict(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, 3) indices of shape, color, background."""
+        """(B, 3, H, W) in [-1, 1] -> (B, 5) indices of shape, color, background, size, position."""
         return torch.stack([logits.argmax(dim=1) for logits in self(image.float())], dim=1)
 
 
@@ -94,16 +124,16 @@ def train_classifier(steps: int = CLASSIFIER_STEPS, image_size: int = 32, progre
 
 
 def classifier_accuracy(classifier: AttributeClassifier, image_size: int = 32) -> dict[str, float]:
-    """Accuracy of the judge on fresh real images: per attribute and all three at once."""
+    """Accuracy of the judge on fresh real images: per attribute and all five at once."""
     data = ShapesDataset(CLASSIFIER_TEST_SIZE, image_size, seed=CLASSIFIER_TEST_SEED, split="all")
     pred = torch.cat([classifier.predict(data.pixels(slice(i, i + 500))) for i in range(0, len(data), 500)])
-    right = pred == data.labels                                           # (N, 3)
-    return {"shape": right[:, 0].float().mean().item(), "color": right[:, 1].float().mean().item(),
-            "background": right[:, 2].float().mean().item(), "all": right.all(1).float().mean().item()}
+    right = pred == data.labels                                           # (N, 5)
+    return {**{name: right[:, k].float().mean().item() for k, name in enumerate(ATTRIBUTE_NAMES)},
+            "all": right.all(1).float().mean().item()}
 
 
 def load_classifier(path: str | Path = CLASSIFIER_FILE, check: bool = True) -> AttributeClassifier:
-    """The shipped judge (trained here if the file is missing), checked >= 99% right on real images."""
+    """The shipped judge (trained here if the file is missing), checked >= 99% right on real images, per attribute."""
     from safetensors.torch import load_file, save_file
     path = Path(path)
     if path.is_file():
@@ -116,54 +146,69 @@ def load_classifier(path: str | Path = CLASSIFIER_FILE, check: bool = True) -> A
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     if check:
         acc = classifier_accuracy(model)
-        if acc["all"] < CLASSIFIER_MIN_ACCURACY:
-            raise RuntimeError(f"the attribute classifier is only {acc['all']:.3f} right on real images "
-                               f"(needs {CLASSIFIER_MIN_ACCURACY}); delete {path} to retrain it")
+        worst = min(ATTRIBUTE_NAMES, key=acc.get)
+        if acc[worst] < CLASSIFIER_MIN_ACCURACY:
+            raise RuntimeError(f"the attribute classifier is only {acc[worst]:.3f} right about {worst} on real images "
+                               f"(needs {CLASSIFIER_MIN_ACCURACY} for each attribute); delete {path} to retrain it")
     return model
 
 
 # --- generation and scoring ----------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def generate(model, prompts: list[str], num_inference_steps: int = DEFAULT_STEPS,
              guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, sampler: str = "ddim",
              progress: bool = False) -> torch.Tensor:
-    """Images (len(prompts), 3, H, W) in [-1, 1] from a loaded model (sd.load_checkpoint), via the scheduler."""
-    device, dtype = model.device, model.dtype
-    tokens = model.tokenizer(list(prompts)).to(device)
-    context = model.clip(tokens).to(dtype)                                  # (B, 77, C)
-    uncond = model.clip(model.tokenizer([""]).to(device)).to(dtype)         # (1, 77, C)
-    side = model.unet.config.sample_size
-    shape = (len(prompts), model.unet.config.in_channels, side, side)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    latents = DiffusionScheduler().sample(
-        model.unet, context, shape, num_inference_steps=num_inference_steps, sampler=sampler,
-        uncond_context=uncond, guidance_scale=guidance_scale, generator=generator, progress=progress)
-    return model.decoder(latents.float()).float().clamp(-1, 1).cpu()        # (B, 4, h, w) -> (B, 3, H, W)
+    """Images (len(prompts), 3, H, W) in [-1, 1] from a loaded model (sd.load_checkpoint), through its pipeline."""
+    images = model.generate(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                            sampler=sampler, seed=seed, progress=progress, output_type="pt")   # (B, 3, H, W) in [0, 1]
+    return images.float().cpu() * 2 - 1
 
 
-def score(classifier: AttributeClassifier, images: torch.Tensor, combos: list[tuple[str, str, str]]) -> torch.Tensor:
-    """(N, 3) booleans: is each image's shape, color, background the one its prompt asked for?"""
-    want = torch.tensor([[SHAPES.index(s), COLORS.index(c), COLORS.index(b)] for s, c, b in combos])
-    return classifier.predict(images) == want
+def _want(keys: list[tuple]) -> torch.Tensor:
+    """(N, 5) indices the prompts ask for; -1 where a short prompt (shape, color, background) says nothing."""
+    rows = []
+    for key in keys:
+        values = list(key) + [None] * (len(ATTRIBUTE_NAMES) - len(key))
+        rows.append([ATTRIBUTE_VALUES[name].index(v) if v is not None else -1
+                     for name, v in zip(ATTRIBUTE_NAMES, values)])
+    return torch.tensor(rows)
+
+
+def score(classifier: AttributeClassifier, images: torch.Tensor, keys: list[tuple]) -> torch.Tensor:
+    """(N, 5) booleans: is each image's shape, color, background, size, position the one its prompt asked for?
+    An attribute a short prompt (shape, color, background) does not mention counts as right."""
+    want = _want(keys)
+    return (classifier.predict(images) == want) | (want < 0)
+
+
+def _rates(right: torch.Tensor, said: torch.Tensor) -> dict[str, float]:
+    """Per attribute (over the prompts that say it) and whole caption, from (N, 5) right and said."""
+    out = {"caption": right.all(1).float().mean().item() if len(right) else float("nan")}
+    for k, name in enumerate(ATTRIBUTE_NAMES):
+        out[name] = right[said[:, k], k].float().mean().item() if said[:, k].any() else float("nan")
+    return out
 
 
 def prompt_accuracy(model, classifier: AttributeClassifier, guidance_scale: float = DEFAULT_GUIDANCE,
                     num_inference_steps: int = DEFAULT_STEPS, per_prompt: int = DEFAULT_PER_PROMPT,
                     seed: int = 0, prompts=None) -> dict:
-    """Fraction of images whose shape, color and background all match the prompt: overall, held-out, seen."""
+    """How often the picture shows what the prompt says, judged by the classifier.
+
+    prompts: [(key, held_out)], key (shape, color, background[, size, position]); default prompt_set().
+    Returns "accuracy" (whole caption: every attribute the prompt says is right), "held_out", "seen" (the
+    same over those combinations), per attribute over all, and "by_split": {"held_out", "seen"} -> per attribute.
+    """
     prompts = prompts or prompt_set()
-    combos = [c for c, _ in prompts for _ in range(per_prompt)]
+    keys = [key for key, _ in prompts for _ in range(per_prompt)]
     held = torch.tensor([h for _, h in prompts for _ in range(per_prompt)])
-    images = generate(model, [caption_for(*c) for c in combos], num_inference_steps, guidance_scale, seed)
-    right = score(classifier, images, combos)                               # (N, 3)
-    ok = right.all(1).float()
-    return {"accuracy": ok.mean().item(),
-            "held_out": ok[held].mean().item() if held.any() else float("nan"),
-            "seen": ok[~held].mean().item() if (~held).any() else float("nan"),
-            "shape": right[:, 0].float().mean().item(), "color": right[:, 1].float().mean().item(),
-            "background": right[:, 2].float().mean().item(), "images": len(combos), "guidance_scale": guidance_scale,
-            "steps": num_inference_steps}
+    images = generate(model, [prompt_caption(k) for k in keys], num_inference_steps, guidance_scale, seed)
+    right = score(classifier, images, keys)                                 # (N, 5)
+    said = _want(keys) >= 0                                                 # (N, 5)
+    overall = _rates(right, said)
+    split = {"held_out": _rates(right[held], said[held]), "seen": _rates(right[~held], said[~held])}
+    return {"accuracy": overall["caption"], "held_out": split["held_out"]["caption"],
+            "seen": split["seen"]["caption"], **{name: overall[name] for name in ATTRIBUTE_NAMES},
+            "by_split": split, "images": len(keys), "guidance_scale": guidance_scale, "steps": num_inference_steps}
 
 
 def model_psnr(model, image_size: int | None = None) -> float:
@@ -176,24 +221,37 @@ def model_psnr(model, image_size: int | None = None) -> float:
 
 
 def evaluate_model(model, num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-                   per_prompt: int = DEFAULT_PER_PROMPT, seed: int = 0, classifier=None) -> dict:
-    """Everything `python -m sd evaluate` prints, as a dict."""
+                   per_prompt: int = DEFAULT_PER_PROMPT, seed: int = 0, classifier=None,
+                   generate_defaults: bool = True) -> dict:
+    """Everything `python -m sd evaluate` prints, as a dict: the judge on real images, the prompt accuracy at
+    generate's defaults (50 DDIM steps, guidance 7.5), at the given settings, and without guidance; the PSNR."""
     classifier = classifier or load_classifier()
-    return {"classifier_on_real_images": classifier_accuracy(classifier),
-            "guided": prompt_accuracy(model, classifier, guidance_scale, num_inference_steps, per_prompt, seed),
-            "unguided": prompt_accuracy(model, classifier, 1.0, num_inference_steps, per_prompt, seed),
-            "vae_psnr_db": model_psnr(model)}
+    runs = {"generate_defaults": (GENERATE_GUIDANCE, GENERATE_STEPS)} if generate_defaults else {}
+    runs.update({"guided": (guidance_scale, num_inference_steps), "unguided": (1.0, num_inference_steps)})
+    report = {"classifier_on_real_images": classifier_accuracy(classifier)}
+    for name, (scale, steps) in runs.items():
+        report[name] = prompt_accuracy(model, classifier, scale, steps, per_prompt, seed)
+    report["vae_psnr_db"] = model_psnr(model)
+    return report
+
+
+RUN_TITLES = {"generate_defaults": "at generate's defaults", "guided": "guided", "unguided": "unguided"}
 
 
 def format_report(report: dict) -> str:
     """The evaluation as a few readable lines."""
     c = report["classifier_on_real_images"]
-    lines = [f"attribute classifier on real images: {c['all']:.3f} (shape {c['shape']:.3f}, color {c['color']:.3f}, "
-             f"background {c['background']:.3f})"]
-    for name in ("guided", "unguided"):
+    lines = [f"attribute classifier on real images: {c['all']:.3f} ("
+             + ", ".join(f"{name} {c[name]:.3f}" for name in ATTRIBUTE_NAMES) + ")"]
+    for name, title in RUN_TITLES.items():
+        if name not in report:
+            continue
         r = report[name]
-        lines.append(f"prompt accuracy, {name} (scale {r['guidance_scale']:g}, {r['steps']} DDIM steps, "
-                     f"{r['images']} images): {r['accuracy']:.3f}  held-out {r['held_out']:.3f}  seen {r['seen']:.3f}"
-                     f"  [shape {r['shape']:.3f}, color {r['color']:.3f}, background {r['background']:.3f}]")
+        lines.append(f"prompt accuracy {title} (scale {r['guidance_scale']:g}, {r['steps']} DDIM steps, "
+                     f"{r['images']} images): whole caption {r['accuracy']:.3f}  held-out {r['held_out']:.3f}  "
+                     f"seen {r['seen']:.3f}")
+        for split in ("seen", "held_out"):
+            rates = r["by_split"][split]
+            lines.append(f"    {split.replace('_', '-'):>8}: " + "  ".join(f"{a} {rates[a]:.3f}" for a in ATTRIBUTE_NAMES))
     lines.append(f"VAE reconstruction PSNR: {report['vae_psnr_db']:.1f} dB")
     return "\n".join(lines)
