@@ -185,7 +185,7 @@ def test_debug_shows_the_traceback_of_an_expected_error(monkeypatch, tmp_path):
 
 def test_every_command_has_its_handler_and_the_sd_script_entry_point():
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {"generate", "img2img", "train", "evaluate"}
+    assert set(commands) == {"generate", "img2img", "inpaint", "train", "evaluate"}
     for name, parser in commands.items():
         assert callable(parser.get_default("handler")), name
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
