@@ -11,7 +11,8 @@ from sd.editing.guidance import colour_loss, generate_with_loss, loss_guidance
 from sd.editing.inpaint import inpaint, latent_mask, mask_to_tensor
 from sd.editing.interpolation import interpolate, lerp, slerp
 from sd.editing.inversion import invert
-from sd.training.data import ShapesDataset, to_pil as dataset_to_pil
+from sd.images import SIGNED, to_pil
+from sd.training.data import ShapesDataset
 from tests.reference import reference_and_ours
 
 SIZE = 32    # the shipped model's native size
@@ -26,7 +27,7 @@ def shipped():
 def picture():
     """A shape image of the kind the shipped model was trained on, with its caption."""
     data = ShapesDataset(length=1, image_size=SIZE, seed=1)
-    return dataset_to_pil(data.pixels(0)[None])[0], data.captions[0]
+    return to_pil(data.pixels(0)[None], SIGNED)[0], data.captions[0]
 
 
 def as_tensor(image) -> torch.Tensor:

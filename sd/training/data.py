@@ -11,6 +11,7 @@ evaluation can ask whether a model composes attributes it only saw apart.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,18 +205,9 @@ class ShapesDataset(Dataset):
                 **dict(zip(ATTRIBUTE_NAMES, self.labels[i].tolist()))}
 
 
-def to_pil(images: torch.Tensor) -> list:
-    """(B, 3, H, W) in [-1, 1] -> a list of PIL images."""
-    from PIL import Image
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
-
-
 def show_grid(images: torch.Tensor, captions: list[str] | None = None, ncols: int = 6, title: str | None = None):
     """A matplotlib figure of (B, 3, H, W) images in [-1, 1], each with its caption wrapped underneath."""
-    import textwrap
-
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt       # optional: the course's extra, not the package's dependency
     n = images.shape[0]
     nrows = max(1, math.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(2 * ncols, 2.3 * nrows), squeeze=False)

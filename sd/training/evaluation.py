@@ -21,6 +21,7 @@ from torch import nn
 
 from .data import (ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, COLORS, HELD_OUT, POSITIONS, SHAPES, SIZES, ShapesDataset,
                    caption_for, training_combinations)
+from .vae import vae_psnr
 
 DEFAULT_GUIDANCE = 5.0          # guidance scale of the evaluation's guided run (small models need less than SD's 7.5)
 DEFAULT_STEPS = 25              # DDIM steps of the evaluation's own runs
@@ -213,7 +214,6 @@ def prompt_accuracy(model, classifier: AttributeClassifier, guidance_scale: floa
 
 def model_psnr(model, image_size: int | None = None) -> float:
     """The VAE's reconstruction PSNR (dB) on fresh real images."""
-    from .vae import vae_psnr
     f = model.encoder.config.downsample_factor
     size = image_size or model.unet.config.sample_size * f
     data = ShapesDataset(PSNR_IMAGES, size, seed=CLASSIFIER_TEST_SEED, split="all")

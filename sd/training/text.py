@@ -28,7 +28,7 @@ from torch import nn
 
 from ..clip import CLIP
 from ..config import CLIPConfig
-from .data import ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, NOT_SAID, ShapesDataset
+from .data import ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, NOT_SAID, POSITIONS, ShapesDataset, all_combinations, caption_for
 from ..tokenizer import CLIPTokenizer, learn_bpe_merges
 from .loop import SEED_STRIDE, TrainOptions, device_of, rank_and_world, read_stage, train_loop
 
@@ -201,7 +201,6 @@ def train_text_encoder(dataset: ShapesDataset, clip_config: CLIPConfig, image_wi
 def full_captions() -> tuple[list[str], list[tuple[str, ...]]]:
     """Every caption that says all five attributes, with its (shape, color, background, size, position):
     a large shape in the centre (its caption names no place) or a small one in any of the five places."""
-    from .data import POSITIONS, all_combinations, caption_for
     keys = [(*c, "large", "center") for c in all_combinations()]
     keys += [(*c, "small", p) for c in all_combinations() for p in POSITIONS]
     return [caption_for(*k[:4], k[4] if k[3] == "small" else None) for k in keys], keys
@@ -212,7 +211,6 @@ def retrieval_accuracy(pair: ContrastivePair, tokenizer: CLIPTokenizer, dataset:
                        n: int = 512, full: bool = False) -> float:
     """Fraction of images whose nearest short caption ('a red circle on a blue background', 90 of them) is
     the true one; full=True: the nearest of the 540 full captions ('a small red circle ... in the top left')."""
-    from .data import ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, all_combinations, caption_for
     if full:
         captions, keys = full_captions()
         width = len(ATTRIBUTE_NAMES)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ...config import LATENT_SCALE
 from ...diffusion import DiffusionScheduler
+from ...training.data import caption_for, training_combinations
 from ...training.unet import CAPTION_DROPOUT, diffusion_loss, drop_captions
 from ...timestep_embedding import timestep_embedding
 from .common import ATOL, RTOL, Case, Mistake, randn, require_callable, seeded
@@ -279,7 +280,6 @@ _ONE_MINUS_P = ("this drops with probability 1 - p (90% of the captions when p =
 
 
 def _caption_cases() -> list[Case]:
-    from ...training.data import caption_for, training_combinations
     combos = training_combinations()
     captions = [caption_for(*combos[(7 * i) % len(combos)]) for i in range(120)]
     return [Case({"captions": captions, "seed": 0, "p": CAPTION_DROPOUT}),
