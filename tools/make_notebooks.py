@@ -68,6 +68,7 @@ SETUP_SOURCE = '''\
 # package from its repository; everywhere, pick the device, the number format, the memory savers and FULL_SIZE,
 # the one setting that sizes the notebook.
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +89,10 @@ from sd.runtime import detect_runtime
 RUNTIME = detect_runtime()
 DEVICE, DTYPE = RUNTIME.device, RUNTIME.dtype
 # True on a GPU: full-size SD v1.5 at 512 x 512. False on a CPU: small sizes, few steps, the same code path.
-FULL_SIZE = DEVICE.type == "cuda"
+# CI also runs the GPU's path on its CPU ($SD_FULL_SIZE=1), with a tiny image side and step count.
+FULL_SIZE = DEVICE.type == "cuda" or os.environ.get("SD_FULL_SIZE") == "1"
+FULL_SIDE = int(os.environ.get("SD_FULL_SIDE", 512))     # the GPU path's image side in pixels (SD v1.5: 512)
+FULL_STEPS = int(os.environ.get("SD_FULL_STEPS", 50))    # the GPU path's sampling steps (SD's default: 50)
 
 print(f"{{RUNTIME}}; FULL_SIZE = {{FULL_SIZE}}"
       + ("; for a GPU: Runtime > Change runtime type" if DEVICE.type == "cpu" and "google.colab" in sys.modules
