@@ -132,7 +132,8 @@ def my_blend(x, original, noise, mask, alpha_bar_next):
 
 
 def my_inversion_step(x_t, eps, alpha_bar_t, alpha_bar_next):
-    # Mokady et al. 2023, eq. 4, rearranged: sqrt(a_next / a_t) x_t + sqrt(a_next) (sqrt(1/a_next - 1) - sqrt(1/a_t - 1)) eps
+    # the step as Mokady et al. 2023 write it:
+    # sqrt(a_next / a_t) x_t + sqrt(a_next) (sqrt(1 / a_next - 1) - sqrt(1 / a_t - 1)) eps
     ratio = (alpha_bar_next / alpha_bar_t).sqrt()
     return ratio * x_t + alpha_bar_next.sqrt() * ((1 / alpha_bar_next - 1).sqrt() - (1 / alpha_bar_t - 1).sqrt()) * eps
 
@@ -178,8 +179,13 @@ def blend_weights_swapped(x, original, noise, mask, alpha_bar_next):
     return mask * x + (1 - mask) * ((1 - alpha_bar_next).sqrt() * original + alpha_bar_next.sqrt() * noise)
 
 
+def blend_noise_only(x, original, noise, mask, alpha_bar_next):
+    return mask * x + (1 - mask) * noise
+
+
 @pytest.mark.parametrize("impl, mistake", [
     (blend_inverted, "the mask is the wrong way round"),
+    (blend_noise_only, "the kept region gets the noise alone"),
     (blend_clean_original, "the kept region gets the clean original latents"),
     (blend_without_square_roots, "noised without the square roots"),
     (blend_weights_swapped, "the two weights of the noising are swapped"),
@@ -206,7 +212,18 @@ def inversion_without_square_roots(x_t, eps, alpha_bar_t, alpha_bar_next):
     return alpha_bar_next * x0 + (1 - alpha_bar_next) * eps
 
 
+def inversion_x0_without_square_root(x_t, eps, alpha_bar_t, alpha_bar_next):
+    x0 = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t
+    return alpha_bar_next.sqrt() * x0 + (1 - alpha_bar_next).sqrt() * eps
+
+
+def inversion_without_the_noise_term(x_t, eps, alpha_bar_t, alpha_bar_next):
+    return alpha_bar_next.sqrt() * (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+
+
 @pytest.mark.parametrize("impl, mistake", [
+    (inversion_x0_without_square_root, "predicted x_0 divides by alpha_bar_t"),
+    (inversion_without_the_noise_term, "the noise term is missing"),
     (inversion_ordinary_ddim_step, "alpha_bar_t and alpha_bar_next are swapped"),
     (inversion_returns_a_tuple, "returns a tuple"),
     (inversion_returns_x0, "this is the predicted x_0"),
