@@ -31,9 +31,10 @@ from .common import Case, Mistake, check_function, check_module, randn, seeded
 # Exercise: the LoRA layer's forward
 # ----------------------------------------------------------------------------------------------------------
 
-# (in, out, rank, alpha, scale): alpha != rank and scale != 1, so that a missing or inverted alpha / rank and a
-# doubled scale each change the output; the first layer is square, so A and B swapped still runs there.
-_LORA_SHAPES = ((16, 16, 4, 8.0, 0.5), (24, 12, 2, 1.0, 1.5), (12, 20, 8, 16.0, 0.75))
+# (in, out, rank, alpha, scale): the right factor scale * alpha / r and the wrong ones (scale, scale * r / alpha,
+# scale^2 * alpha / r, alpha / r) all differ, so each mistake has an output of its own; the first layer is square,
+# so that A and B swapped still runs there.
+_LORA_SHAPES = ((16, 16, 4, 12.0, 0.5), (24, 12, 2, 1.0, 1.5), (12, 20, 8, 16.0, 0.75))
 
 
 def _lora_cases() -> list[Case]:
@@ -75,7 +76,8 @@ def check_lora_layer(cls) -> bool:
         Mistake("this is the frozen layer alone: add the update scale * (alpha / rank) * B(A x)", wrong("base_only")),
     ]
     return check_module("check_lora_layer", cls, LoRALayer, _lora_cases(), mistakes,
-                        hint="return self.base(x) + self.scale * (self.alpha / self.rank) * self.lora_B(self.lora_A(x))",
+                        hint="return self.base(x) + self.scale * (self.alpha / self.rank) * "
+                             "self.lora_B(self.lora_A(x))",
                         reference_name="sd.adapters.lora.LoRALayer")
 
 
