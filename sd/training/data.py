@@ -3,7 +3,8 @@
 Every image is one shape (circle, square or triangle) of one color on a plain background of another color,
 large and near the centre or small in one of five places: "a small red circle on a blue background in the
 top left". The shapes are drawn from their signed distance functions with one pixel of anti-aliasing, so edges
-are smooth at any image size. Everything is deterministic for a seed.
+are smooth at any image size. Everything is deterministic for a seed. `draw` can also make a five-pointed star
+(UNSEEN_SHAPES), which the dataset never holds: notebook 10 teaches it to the trained model.
 
 A few (shape, color, background) combinations are held out: the training split never contains them, so the
 evaluation can ask whether a model composes attributes it only saw apart.
@@ -56,7 +57,7 @@ JITTER = 1.5                     # random shift of the centre, pixels
 SQUARE_SCALE = 0.89              # half side of a square of about a circle's area: sqrt(pi)/2
 TRIANGLE_SCALE = 1.15            # half side of the equilateral triangle (sqrt(pi/sqrt(3)) = 1.35 would crowd)
 STAR_SCALE = 1.25                # tip radius of the five-pointed star: its thin points need more room
-STAR_INNER = 0.5                 # Quilez's rf: how far in the star's dents reach (1: a pentagon, 0: spikes)
+STAR_INNER = 0.5                 # the star's dents at this fraction of its tip radius (Quilez's rf)
 # Caption parts that are sometimes left out, so short prompts ("a red circle on a blue background") are seen.
 # Position words are kept more often than not: only small shapes have them, and a caption without them
 # teaches nothing about where to draw (at 0.5, only a quarter of all captions said where).
