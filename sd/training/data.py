@@ -3,7 +3,8 @@
 Every image is one shape (circle, square or triangle) of one color on a plain background of another color,
 large and near the centre or small in one of five places: "a small red circle on a blue background in the
 top left". The shapes are drawn from their signed distance functions with one pixel of anti-aliasing, so edges
-are smooth at any image size. Everything is deterministic for a seed.
+are smooth at any image size. Everything is deterministic for a seed. `draw` can also make a five-pointed star
+(UNSEEN_SHAPES), which the dataset never holds: notebook 10 teaches it to the trained model.
 
 A few (shape, color, background) combinations are held out: the training split never contains them, so the
 evaluation can ask whether a model composes attributes it only saw apart.
@@ -19,6 +20,9 @@ import torch
 from torch.utils.data import Dataset
 
 SHAPES = ("circle", "square", "triangle")
+# Drawn by the same code but never in the dataset, its captions or the shipped model's training: notebook 10
+# teaches it to the trained model (textual inversion, LoRA).
+UNSEEN_SHAPES = ("star",)
 # RGB in 0..255; every color can be the shape's or the background's (never both at once).
 PALETTE = {
     "red": (220, 40, 40),
@@ -52,6 +56,8 @@ CORNER_OFFSET = 7.5              # small shapes sit this far from the centre alo
 JITTER = 1.5                     # random shift of the centre, pixels
 SQUARE_SCALE = 0.89              # half side of a square of about a circle's area: sqrt(pi)/2
 TRIANGLE_SCALE = 1.15            # half side of the equilateral triangle (sqrt(pi/sqrt(3)) = 1.35 would crowd)
+STAR_SCALE = 1.25                # tip radius of the five-pointed star: its thin points need more room
+STAR_INNER = 0.5                 # the star's dents at this fraction of its tip radius (Quilez's rf)
 # Caption parts that are sometimes left out, so short prompts ("a red circle on a blue background") are seen.
 # Position words are kept more often than not: only small shapes have them, and a caption without them
 # teaches nothing about where to draw (at 0.5, only a quarter of all captions said where).
@@ -117,7 +123,22 @@ def _signed_distance(shape: str, x: torch.Tensor, y: torch.Tensor, radius: float
         px, py = torch.where(fold, (px - k * py) / 2, px), torch.where(fold, (-k * px - py) / 2, py)
         px = px - px.clamp(-2 * r, 0)
         return -torch.sqrt(px ** 2 + py ** 2) * torch.sign(py)
-    raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    if shape == "star":
+        return _star_distance(x, -y, radius * STAR_SCALE)   # flip y: one point straight up
+    raise ValueError(f"shape must be one of {SHAPES + UNSEEN_SHAPES}, got {shape!r}")
+
+
+def _star_distance(x: torch.Tensor, y: torch.Tensor, r: float) -> torch.Tensor:
+    """Five-pointed star, tips at radius r, one pointing to +y (after Inigo Quilez's sdStar5)."""
+    k1x, k1y = math.cos(math.pi / 5), -math.sin(math.pi / 5)          # mirror axes of the star's symmetry
+    x = x.abs()
+    for kx, ky in ((k1x, k1y), (-k1x, k1y)):                          # fold the plane into one tenth of the star
+        d = (kx * x + ky * y).clamp(min=0)
+        x, y = x - 2 * d * kx, y - 2 * d * ky
+    x, y = x.abs(), y - r
+    bax, bay = -STAR_INNER * k1y, STAR_INNER * k1x - 1                # the edge from the tip towards the dent
+    h = ((x * bax + y * bay) / (bax ** 2 + bay ** 2)).clamp(0, r)
+    return torch.sqrt((x - bax * h) ** 2 + (y - bay * h) ** 2) * torch.sign(y * bax - x * bay)
 
 
 def draw(attributes: Attributes, image_size: int = REFERENCE_SIZE, radius: float | None = None,

@@ -9,6 +9,7 @@ from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge
 from .common import pick, try_check
 from .diffusion import check_add_noise, check_schedule
 from .editing import check_blend_latents, check_ddim_inversion_step, check_slerp
+from .fine_tuning import check_lora_layer, check_textual_inversion_step
 from .pipeline import check_text_to_image
 from .pixel import check_ddpm_sampling, check_pixel_loss
 from .sampling import check_classifier_free_guidance, check_ddim_step, check_ddpm_step, check_previous_alpha_bars
@@ -48,4 +49,6 @@ __all__ = [
     "check_unet_training_loss", "check_drop_captions",
     # 09 editing
     "check_blend_latents", "check_ddim_inversion_step", "check_slerp",
+    # 10 fine-tuning
+    "check_textual_inversion_step", "check_lora_layer",
 ]
