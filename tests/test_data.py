@@ -160,3 +160,19 @@ def test_star_is_drawn_with_five_points_but_is_no_dataset_shape():
         assert (value > 0.5) == (degrees % 72 == 0), degrees
     values = torch.unique((img * 255).round())
     assert len(values) > 5                                        # anti-aliased like the other shapes
+
+
+def test_a_subset_holds_exactly_the_chosen_items_with_their_captions_and_labels():
+    data = ShapesDataset(40, image_size=32, seed=5)
+    large = [i for i, a in enumerate(data.attributes) if a.size == "large"]
+    part = data.subset(large)
+    assert len(part) == len(large) and 0 < len(large) < 40
+    assert all(a.size == "large" for a in part.attributes)
+    for j, i in enumerate(large):
+        assert part.captions[j] == data.captions[i]
+        assert torch.equal(part.pixels(j), data.pixels(i)) and torch.equal(part.labels[j], data.labels[i])
+        assert torch.equal(part.said[j], data.said[i])
+    with pytest.raises(ValueError, match="indices must be"):
+        data.subset([40])
+    with pytest.raises(ValueError, match="indices must be"):
+        data.subset([])

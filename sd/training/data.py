@@ -217,6 +217,18 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
+    def subset(self, indices: list[int]) -> "ShapesDataset":
+        """A dataset of these items only, in this order (e.g. the large shapes), with everything they carry."""
+        if not indices or not all(isinstance(i, int) and 0 <= i < len(self) for i in indices):
+            raise ValueError(f"indices must be a non-empty list of item numbers in [0, {len(self)}), got {indices!r:.80}")
+        part = object.__new__(ShapesDataset)
+        part.captions = [self.captions[i] for i in indices]
+        part.attributes = [self.attributes[i] for i in indices]
+        rows = torch.tensor(indices)
+        part.images, part.labels, part.said = self.images[rows], self.labels[rows], self.said[rows]
+        part.image_size, part.seed, part.split = self.image_size, self.seed, self.split
+        return part
+
     def pixels(self, index) -> torch.Tensor:
         """Images at `index` (an int, a slice or a tensor of indices) in SD's pixel range [-1, 1]."""
         return self.images[index].float() / 127.5 - 1
