@@ -61,6 +61,6 @@ def test_every_solution_notebook_runs_its_gpu_branch_on_a_cpu(tmp_path):
     assert make_checkpoint([str(checkpoint)]) == 0
     env = {**os.environ, **FORCED, "SD_CHECKPOINT": str(checkpoint)}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                             *notebooks], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+                             "-n", "2", "--dist", "loadfile", *notebooks], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, "the forced FULL_SIZE run failed:\n" + result.stdout[-6000:]
     assert " passed" in result.stdout and " failed" not in result.stdout

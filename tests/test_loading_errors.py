@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import sd
 from sd.io import keys
 from sd.io.checkpoint import DEFAULT_MODEL, save_checkpoint
+from sd.io.safe_read import TOKENIZER_METADATA_KEY
 from sd.tokenizer import learn_bpe_merges
 from tests.compvis_layout import compvis_checkpoint
 from tests.reference import diffusers_unet, diffusers_vae, reference_and_ours, transformers_clip
@@ -148,9 +149,12 @@ def test_a_model_copied_without_its_tokenizer_folder_is_caught_at_load(tmp_path)
 
 
 def test_an_older_file_without_its_tokenizer_folder_is_caught_by_vocabulary_size(tmp_path):
-    """The shipped model's file records no tokenizer folder: its 586-id text encoder gives it away."""
+    """A file written before checkpoints recorded their tokenizer folder (the shipped model's tensors, its metadata
+    without that record) and copied without the folder: its 586-id text encoder gives it away."""
     path = tmp_path / "default_model.safetensors"
-    shutil.copy(DEFAULT_MODEL, path)
+    with safe_open(str(DEFAULT_MODEL), "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != TOKENIZER_METADATA_KEY}
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(path), metadata=metadata)
     one_line_error(path, rf"^{path}: its text encoder knows \d+ token ids, and CLIP's standard tokenizer .* has 49408;"
                          r".*<name>_tokenizer/")
 
