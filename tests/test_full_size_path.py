@@ -3,7 +3,8 @@
 `SD_FULL_SIZE=1` makes the set-up cell take the GPU's path on any device; `SD_FULL_SIDE` and `SD_FULL_STEPS`
 shrink that path's image side and step count; `SD_CHECKPOINT` points at a stand-in for SD v1.5's file with its
 very 1,131 keys at small widths (tools/make_full_layout_checkpoint.py). Every solution notebook then runs top to
-bottom under nbval (those whose code has a GPU path: a FULL_SIZE branch or the course model), so each line that only a GPU would run is executed once per test run (the CUDA-only calls
+bottom under nbval (those whose code has a GPU path: a FULL_SIZE branch or the course model),
+so each line that only a GPU would run is executed once per test run (the CUDA-only calls
 themselves stay behind `DEVICE.type == "cuda"`).
 """
 from __future__ import annotations
@@ -60,7 +61,8 @@ def test_every_solution_notebook_runs_its_gpu_branch_on_a_cpu(tmp_path):
     checkpoint = tmp_path / "sd15_layout.safetensors"
     assert make_checkpoint([str(checkpoint)]) == 0
     env = {**os.environ, **FORCED, "SD_CHECKPOINT": str(checkpoint)}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                             "-n", "2", "--dist", "loadfile", *notebooks], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+               "-n", "2", "--dist", "loadfile", *notebooks]                 # two workers, each notebook whole
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, "the forced FULL_SIZE run failed:\n" + result.stdout[-6000:]
     assert " passed" in result.stdout and " failed" not in result.stdout

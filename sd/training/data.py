@@ -220,7 +220,8 @@ class ShapesDataset(Dataset):
     def subset(self, indices: list[int]) -> "ShapesDataset":
         """A dataset of these items only, in this order (e.g. the large shapes), with everything they carry."""
         if not indices or not all(isinstance(i, int) and 0 <= i < len(self) for i in indices):
-            raise ValueError(f"indices must be a non-empty list of item numbers in [0, {len(self)}), got {indices!r:.80}")
+            raise ValueError(f"indices must be a non-empty list of item numbers in [0, {len(self)}), "
+                             f"got {indices!r:.80}")
         part = object.__new__(ShapesDataset)
         part.captions = [self.captions[i] for i in indices]
         part.attributes = [self.attributes[i] for i in indices]
