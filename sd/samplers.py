@@ -12,7 +12,7 @@ UNet's (guided) noise prediction eps at every step. Two families share this file
 Every sampler takes x_t at its first noise level and returns the latent at its last, so the caller starts and
 ends the same way for all five. `noise_levels` computes, once per run, what the loops read; with the same inputs
 each loop gives the numbers of the corresponding diffusers scheduler configured like SD v1.5.
-The per-step update rules of notebook 06 (`predict_x0`, `ddpm_step`, `ddim_step`) are the learner's exercises.
+The per-step update rules of notebook 07 (`predict_x0`, `ddpm_step`, `ddim_step`) are the learner's exercises.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def vp_coefficients(sigma):
 
 
 # ---------------------------------------------------------------------------------------------
-# The update rules (notebook 06 has the learner write the first three)
+# The update rules (notebook 07 has the learner write the first three)
 # ---------------------------------------------------------------------------------------------
 
 def ddpm_step(x_t, eps, alpha_bar_t, alpha_bar_prev, noise):

@@ -1,4 +1,4 @@
-"""The exercise checks of notebook 05 (forward diffusion): the reference passes, plausible wrong ones are named.
+"""The exercise checks of notebook 06 (forward diffusion): the reference passes, plausible wrong ones are named.
 
 The wrong implementations below are written the way a learner would write them (not taken from the checks),
 so each test shows that a real mistake produces a message pointing at it.
@@ -17,7 +17,7 @@ from tests.check_helpers import rejects
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5.1 the schedule, as a learner might write it
+# 6.1 the schedule, as a learner might write it
 # ---------------------------------------------------------------------------------------------------------
 
 def schedule_in_a_loop(num_train_timesteps, beta_start, beta_end):
@@ -56,7 +56,7 @@ def schedule_in_numpy(num_train_timesteps, beta_start, beta_end):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5.2 add_noise
+# 6.2 add_noise
 # ---------------------------------------------------------------------------------------------------------
 
 def add_noise_right(x0, noise, t, alphas_cumprod):

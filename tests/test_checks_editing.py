@@ -270,7 +270,7 @@ def test_check_slerp_names_the_mistake(impl, mistake):
 
 def test_pick_goes_on_with_the_reference_when_the_exercise_is_not_done(capsys):
     def stub(x, original, noise, mask, alpha_bar_next):
-        raise NotImplementedError("Exercise 9.1: the blend")
+        raise NotImplementedError("Exercise 11.1: the blend")
 
     assert pick(check_blend_latents, stub, reference=reference_blend_latents) is reference_blend_latents
     assert "not done yet" in capsys.readouterr().out

@@ -193,7 +193,7 @@ def test_textual_inversion_step_returning_the_tensor_is_accepted_and_none_is_exp
 def test_pick_goes_on_with_the_reference_when_the_exercise_is_not_done(capsys):
     class Stub(MyLoRALinear):
         def forward(self, x):
-            raise NotImplementedError("Exercise 10.2: the LoRA layer")
+            raise NotImplementedError("Exercise 12.2: the LoRA layer")
 
     assert pick(check_lora_layer, Stub, reference=LoRALayer) is LoRALayer
     assert "not done yet" in capsys.readouterr().out

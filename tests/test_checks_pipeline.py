@@ -1,4 +1,4 @@
-"""The exercise check of notebook 07 (text to image): a correct loop passes, plausible wrong loops are named.
+"""The exercise check of notebook 09 (text to image): a correct loop passes, plausible wrong loops are named.
 
 The loops below are written the way a learner would write them (from the pipeline's parts, not from the check),
 each with one typical mistake, switched on by a flag.

@@ -1,4 +1,4 @@
-"""The exercise checks of notebook 06 (sampling): the reference passes, plausible wrong implementations are named.
+"""The exercise checks of notebook 07 (sampling): the reference passes, plausible wrong implementations are named.
 
 The wrong implementations are written the way a learner would write them (not taken from the checks), so each
 test shows that a real mistake produces a message pointing at it.
@@ -89,7 +89,7 @@ def testreference_guidance_is_the_schedulers_guidance():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 6.1: the DDPM step, done wrong
+# Exercise 7.1: the DDPM step, done wrong
 # ---------------------------------------------------------------------------------------------------------
 
 def ddpm_fixed_large_variance(x_t, eps, alpha_bar_t, alpha_bar_prev, noise):
@@ -140,7 +140,7 @@ def test_check_ddpm_step_names_the_mistake(impl, mistake):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 6.2: the DDIM step, done wrong
+# Exercise 7.2: the DDIM step, done wrong
 # ---------------------------------------------------------------------------------------------------------
 
 def ddim_without_sqrt_on_prev(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None):
@@ -200,7 +200,7 @@ def test_check_ddim_step_says_which_input_with_eta():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 6.3: alpha_bar_prev of a run, done wrong
+# Exercise 7.3: alpha_bar_prev of a run, done wrong
 # ---------------------------------------------------------------------------------------------------------
 
 def prev_alphas_ending_on_one(alphas_cumprod, timesteps):
@@ -231,7 +231,7 @@ def test_check_previous_alpha_bars_names_the_mistake(impl, mistake):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 6.4: classifier-free guidance, done wrong
+# Exercise 7.4: classifier-free guidance, done wrong
 # ---------------------------------------------------------------------------------------------------------
 
 def guidance_swapped(unet, x, t, context, uncond_context, guidance_scale):
@@ -295,12 +295,12 @@ def test_check_classifier_free_guidance_wants_one_batched_pass_uncond_first():
 
 def test_pick_goes_on_with_the_reference_step_when_the_exercise_is_not_done(capsys):
     def stub(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None):
-        raise NotImplementedError("Exercise 6.2: the DDIM step")
+        raise NotImplementedError("Exercise 7.2: the DDIM step")
 
     assert pick(check_ddim_step, stub, reference=ddim_step) is ddim_step
     assert pick(check_ddim_step, ddim_sigma_ratio_inverted, reference=ddim_step) is ddim_step
     out = capsys.readouterr().out
-    assert "not done yet: Exercise 6.2" in out and "NaN" in out and "using the reference sd.samplers.ddim_step" in out
+    assert "not done yet: Exercise 7.2" in out and "NaN" in out and "using the reference sd.samplers.ddim_step" in out
 
 
 def test_check_ddim_step_wants_the_tuple_the_exercise_returns_not_a_list():

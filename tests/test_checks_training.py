@@ -1,4 +1,4 @@
-"""The exercise checks of notebook 08 (training): the reference passes, plausible wrong ones are named.
+"""The exercise checks of notebook 10 (training): the reference passes, plausible wrong ones are named.
 
 The implementations below are written the way a learner would write them (not taken from the checks), so each
 test shows that a real mistake produces a message pointing at it, and that right ones written differently pass.
@@ -15,7 +15,7 @@ from tests.check_helpers import rejects
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 8.1 the UNet's training loss, as a learner might write it
+# 10.1 the UNet's training loss, as a learner might write it
 # ---------------------------------------------------------------------------------------------------------
 
 def loss_right(unet, latents, context, alphas_cumprod, latent_scale, generator):
@@ -135,7 +135,7 @@ def test_unet_training_loss_check_compares_gradients_not_only_the_loss():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 8.2 caption dropout, as a learner might write it
+# 10.2 caption dropout, as a learner might write it
 # ---------------------------------------------------------------------------------------------------------
 
 def drop_right(captions, generator, p=0.1):
@@ -221,7 +221,7 @@ def test_drop_captions_check_wants_the_list_the_exercise_returns_not_a_tuple():
 
 def test_pick_goes_on_with_the_reference_when_the_learner_is_stuck(capsys):
     def stuck(captions, generator, p=0.1):
-        raise NotImplementedError("Exercise 8.2: draw one number per caption")
+        raise NotImplementedError("Exercise 10.2: draw one number per caption")
 
     assert pick(check_drop_captions, stuck, reference=reference_drop_captions) is reference_drop_captions
     assert pick(check_drop_captions, drop_right, reference=reference_drop_captions) is drop_right

@@ -1,4 +1,4 @@
-"""The exercise checks of notebook 04 (UNet): the reference passes, plausible wrong implementations are named.
+"""The exercise checks of notebook 05 (UNet): the reference passes, plausible wrong implementations are named.
 
 The wrong implementations below are written the way a learner would write them (not taken from the checks),
 so each test shows that a real mistake produces a message pointing at it.
@@ -23,7 +23,7 @@ from tests.check_helpers import rejects
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4.1 timestep embedding, as a learner might write it
+# 5.1 timestep embedding, as a learner might write it
 # ---------------------------------------------------------------------------------------------------------
 
 def embedding_with_pow(timesteps, dim):
@@ -64,7 +64,7 @@ def embedding_interleaved(timesteps, dim):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4.2 residual block: the exercise's constructor, forward wrong in one way each
+# 5.2 residual block: the exercise's constructor, forward wrong in one way each
 # ---------------------------------------------------------------------------------------------------------
 
 class MyResBlock(nn.Module):
@@ -113,7 +113,7 @@ class ResBlockWithoutResidual(MyResBlock):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4.3 GEGLU
+# 5.3 GEGLU
 # ---------------------------------------------------------------------------------------------------------
 
 class MyGEGLU(nn.Module):
@@ -146,7 +146,7 @@ class GEGLUSiLU(MyGEGLU):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4.4 transformer block
+# 5.4 transformer block
 # ---------------------------------------------------------------------------------------------------------
 
 class MyTransformerBlock(nn.Module):
@@ -203,7 +203,7 @@ class TransformerBlockCrossFirst(MyTransformerBlock):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4.5 spatial transformer
+# 5.5 spatial transformer
 # ---------------------------------------------------------------------------------------------------------
 
 class MySpatialTransformer(nn.Module):
@@ -247,7 +247,7 @@ class SpatialTransformerBareReshape(MySpatialTransformer):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4.6 the UNet forward, with its skips
+# 5.6 the UNet forward, with its skips
 # ---------------------------------------------------------------------------------------------------------
 
 class MyUNet(sd.DiffusionUNET):
@@ -401,7 +401,7 @@ def test_check_unet_forward_reports_the_crash_of_a_queue_of_skips():
 def test_pick_goes_on_with_the_reference_unet_when_the_forward_is_not_written(capsys):
     class Stub(sd.DiffusionUNET):
         def forward(self, latent, context, timestep):
-            raise NotImplementedError("Exercise 4.6: push every output, pop on the way up")
+            raise NotImplementedError("Exercise 5.6: push every output, pop on the way up")
 
     assert pick(check_unet_forward, Stub, reference=sd.DiffusionUNET) is sd.DiffusionUNET
-    assert "not done yet: Exercise 4.6" in capsys.readouterr().out
+    assert "not done yet: Exercise 5.6" in capsys.readouterr().out

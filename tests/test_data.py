@@ -131,7 +131,7 @@ def test_left_and_right_are_drawn_where_the_caption_says():
 
 
 # sha256 of (images bytes + captions) of three datasets, recorded before the star was added to sd/training/data.py:
-# the shipped model, the attribute judge and notebook 08 depend on these pictures staying as they were.
+# the shipped model, the attribute judge and notebook 10 depend on these pictures staying as they were.
 DATASET_HASHES = [
     (dict(length=256, seed=0, split="train"), "411ae401634c5e9d2425163abfea176cbcf092dd31582885b4db0d9348a63aed"),
     (dict(length=64, image_size=64, seed=3, split="all"),

@@ -57,7 +57,7 @@ def test_the_setup_cell_takes_the_gpu_path_only_when_forced():
 
 def test_every_solution_notebook_runs_its_gpu_branch_on_a_cpu(tmp_path):
     notebooks = notebooks_with_a_gpu_path()
-    assert "solutions/07_text_to_image.ipynb" in notebooks and "solutions/00_start_here.ipynb" not in notebooks
+    assert "solutions/09_text_to_image.ipynb" in notebooks and "solutions/00_start_here.ipynb" not in notebooks
     checkpoint = tmp_path / "sd15_layout.safetensors"
     assert make_checkpoint([str(checkpoint)]) == 0
     env = {**os.environ, **FORCED, "SD_CHECKPOINT": str(checkpoint)}

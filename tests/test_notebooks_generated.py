@@ -239,23 +239,23 @@ def test_every_exercise_has_two_hint_levels_beyond_the_stub():
 
 def test_hint_walks_the_levels_in_order_then_points_at_the_solution(capsys):
     sd.course.hints.reset_hints()
-    levels = sd.course.hints.hint_levels("6.4")
+    levels = sd.course.hints.hint_levels("7.4")
     for i, level in enumerate(levels, start=1):
-        sd.course.hint("6.4")
+        sd.course.hint("7.4")
         out = capsys.readouterr().out
-        assert out.startswith(f"Hint {i} of {len(levels)} for exercise 6.4")
+        assert out.startswith(f"Hint {i} of {len(levels)} for exercise 7.4")
         assert level.split("\n")[0] in out
     assert "unet(torch.cat([x, x])" in levels[-1]   # the last level is code-level
-    sd.course.hint("6.4")
+    sd.course.hint("7.4")
     assert 'no more hints' in capsys.readouterr().out
     sd.course.hints.reset_hints()
-    sd.course.hint("6.4")
+    sd.course.hint("7.4")
     assert capsys.readouterr().out.startswith("Hint 1 of")
 
 
 def test_solution_prints_the_code_between_the_markers(capsys):
     blocks = solution_blocks()
-    for number in ["0.1", "3.2", "6.4", "2.1"]:
+    for number in ["0.1", "3.2", "7.4", "2.1"]:
         sd.course.solution(number)
         out = capsys.readouterr().out
         code = [line.strip() for line in blocks[number] if line.strip()]
@@ -265,7 +265,7 @@ def test_solution_prints_the_code_between_the_markers(capsys):
 
 def test_the_learners_notebooks_hold_no_solution_code():
     blocks = solution_blocks()
-    by_number: dict[str, list[str]] = {}      # "3": the exercise cells of 03_clip and 03b_pixel_diffusion
+    by_number: dict[str, list[str]] = {}      # "3": the exercise cells of 03_clip
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         cells = nbformat.read(path, as_version=4).cells
         by_number.setdefault(path.name[:2].lstrip("0") or "0", []).extend(
@@ -283,9 +283,9 @@ def test_the_learners_notebooks_hold_no_solution_code():
 
 
 @pytest.mark.parametrize("bad, error, message", [
-    (6.4, TypeError, 'as a string such as "6.4", got float 6.4'),
+    (7.4, TypeError, 'as a string such as "7.4", got float 7.4'),
     ("six", ValueError, "got 'six'"),
-    ("6.9", ValueError, "there is no exercise 6.9; notebook 6 has 6.1, 6.2, 6.3, 6.4"),
+    ("7.9", ValueError, "there is no exercise 7.9; notebook 7 has 7.1, 7.2, 7.3, 7.4"),
 ])
 def test_hint_and_solution_refuse_a_bad_exercise_number_in_one_line(bad, error, message):
     for fn in (sd.course.hint, sd.course.solution):

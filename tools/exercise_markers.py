@@ -1,8 +1,8 @@
 """The marker lines of an exercise in a solved notebook, and what the generator makes of them.
 
-    # BEGIN SOLUTION 6.4 hint: <the stub's sentence: what to compute, in words, no code>
-    # HINT 6.4: <a more specific idea>
-    # HINT 6.4: <code-level help>
+    # BEGIN SOLUTION 7.4 hint: <the stub's sentence: what to compute, in words, no code>
+    # HINT 7.4: <a more specific idea>
+    # HINT 7.4: <code-level help>
     <the solution's code>
     # END SOLUTION
 

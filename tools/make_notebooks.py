@@ -52,7 +52,7 @@ OPEN_CLIP_VERSION = "3.3.0"   # as in .ci/run and the README's set-up
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = "solutions"
 NOTEBOOKS = "notebooks"
-NOTEBOOK_NAME = re.compile(r"^(\d\d)[a-z]?_[a-z0-9_]+\.ipynb$")   # "03b_": a notebook between 03 and 04
+NOTEBOOK_NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
 # Solutions are committed with their outputs; keep each readable on GitHub.
 MAX_SOLUTION_BYTES = 2_000_000
 EXERCISES = Path("sd") / "course" / "exercises"   # the hints and solutions, one JSON file per notebook

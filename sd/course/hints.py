@@ -1,12 +1,12 @@
-"""Help with an exercise, one level at a time: `hint("6.4")` gives the next hint, `solution("6.4")` the answer.
+"""Help with an exercise, one level at a time: `hint("7.4")` gives the next hint, `solution("7.4")` the answer.
 
 A stub says in words what to compute; the check names a mistake when it sees one; `hint` goes further each time
 it is called (an idea, then code-level help); `solution` prints the solution's code, only when asked.
 The levels are written once, as marker lines in the solved notebook (solutions/NN_topic.ipynb):
 
-    # BEGIN SOLUTION 6.4 hint: <the stub's sentence: what to compute, in words>
-    # HINT 6.4: <a more specific idea>
-    # HINT 6.4: <code-level help>
+    # BEGIN SOLUTION 7.4 hint: <the stub's sentence: what to compute, in words>
+    # HINT 7.4: <a more specific idea>
+    # HINT 7.4: <code-level help>
     <the solution's code>
     # END SOLUTION
 
@@ -20,19 +20,19 @@ import re
 from functools import lru_cache
 from importlib import resources
 
-# "6.4": notebook 6, exercise 4
+# "7.4": notebook 7, exercise 4
 EXERCISE_NUMBER = re.compile(r"^(\d+)\.(\d+)$")
 # The generated files, inside this package: exercises/NN_topic.json
 EXERCISES_FOLDER = "exercises"
 # Their names: NN_topic.json, or NNb_topic.json for a notebook between NN and NN+1.
-NOTEBOOK_FILE = re.compile(r"^\d\d[a-z]?_[a-z0-9_]+\.json$")
+NOTEBOOK_FILE = re.compile(r"^\d\d_[a-z0-9_]+\.json$")
 
 # How many hints of each exercise have been shown in this session (the next call shows the next one).
 _shown: dict[str, int] = {}
 
 
 def hint(exercise: str) -> None:
-    """Print the next hint of `exercise` ("6.4"): a more specific idea first, then code-level help."""
+    """Print the next hint of `exercise` ("7.4"): a more specific idea first, then code-level help."""
     number, help_ = _exercise(exercise, "hint")
     levels = help_["hints"]
     level = _shown.get(number, 0)
@@ -47,7 +47,7 @@ def hint(exercise: str) -> None:
 
 
 def solution(exercise: str) -> None:
-    """Print the solution's code of `exercise` ("6.4"), to read or to paste into the exercise cell."""
+    """Print the solution's code of `exercise` ("7.4"), to read or to paste into the exercise cell."""
     number, help_ = _exercise(exercise, "solution")
     print(f"Solution of exercise {number} (the code between the exercise cell's lines; mind the indentation):\n\n"
           f"{help_['solution']}")
@@ -64,14 +64,14 @@ def reset_hints() -> None:
 
 
 def _exercise(exercise: str, caller: str) -> tuple[str, dict]:
-    """(number, its help) for "6.4", or a one-line TypeError/ValueError."""
+    """(number, its help) for "7.4", or a one-line TypeError/ValueError."""
     if not isinstance(exercise, str):
-        raise TypeError(f'{caller}() expects the exercise number as a string such as "6.4", '
+        raise TypeError(f'{caller}() expects the exercise number as a string such as "7.4", '
                         f"got {type(exercise).__name__} {exercise!r}")
     number = exercise.strip()
     match = EXERCISE_NUMBER.match(number)
     if not match:
-        raise ValueError(f'{caller}() expects an exercise number such as "6.4" (notebook.exercise), got {exercise!r}')
+        raise ValueError(f'{caller}() expects an exercise number such as "7.4" (notebook.exercise), got {exercise!r}')
     exercises = _notebook_exercises(int(match.group(1)))
     if number not in exercises:
         known = ", ".join(sorted(exercises, key=lambda n: int(n.split(".")[1]))) or "none"
@@ -81,8 +81,7 @@ def _exercise(exercise: str, caller: str) -> tuple[str, dict]:
 
 @lru_cache(maxsize=None)
 def _notebook_exercises(notebook: int) -> dict[str, dict]:
-    """The exercises of notebook `notebook` from its generated files (empty when it has none). A notebook placed
-    between two others (03b_ after 03_) continues its number's exercises: 3.11, 3.12, ..."""
+    """The exercises of notebook `notebook` from its generated files (empty when it has none)."""
     folder = resources.files(__package__) / EXERCISES_FOLDER
     exercises: dict[str, dict] = {}
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):

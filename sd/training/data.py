@@ -4,7 +4,7 @@ Every image is one shape (circle, square or triangle) of one color on a plain ba
 large and near the centre or small in one of five places: "a small red circle on a blue background in the
 top left". The shapes are drawn from their signed distance functions with one pixel of anti-aliasing, so edges
 are smooth at any image size. Everything is deterministic for a seed. `draw` can also make a five-pointed star
-(UNSEEN_SHAPES), which the dataset never holds: notebook 10 teaches it to the trained model.
+(UNSEEN_SHAPES), which the dataset never holds: notebook 12 teaches it to the trained model.
 
 A few (shape, color, background) combinations are held out: the training split never contains them, so the
 evaluation can ask whether a model composes attributes it only saw apart.
@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 SHAPES = ("circle", "square", "triangle")
-# Drawn by the same code but never in the dataset, its captions or the shipped model's training: notebook 10
+# Drawn by the same code but never in the dataset, its captions or the shipped model's training: notebook 12
 # teaches it to the trained model (textual inversion, LoRA).
 UNSEEN_SHAPES = ("star",)
 # RGB in 0..255; every color can be the shape's or the background's (never both at once).

@@ -32,23 +32,23 @@ __all__ = [
     "check_vae_encoder", "check_vae_decoder",
     # 03 CLIP
     "check_merge_pair", "check_bpe", "check_clip_embedding", "check_quick_gelu", "check_clip_layer",
-    # 03b diffusion from scratch in pixels
+    # 04 diffusion from scratch in pixels
     "check_pixel_loss", "check_ddpm_sampling",
-    # 04 UNet
+    # 05 UNet
     "check_timestep_embedding", "check_res_block", "check_geglu", "check_transformer_block",
     "check_spatial_transformer", "check_unet_forward",
-    # 05 forward diffusion
+    # 06 forward diffusion
     "check_schedule", "check_add_noise",
-    # 06 sampling
+    # 07 sampling
     "check_ddpm_step", "check_ddim_step", "check_previous_alpha_bars", "check_classifier_free_guidance",
-    # 06b the sigma view
+    # 08 the sigma view
     "check_euler_step", "check_karras_sigmas",
-    # 07 text to image
+    # 09 text to image
     "check_text_to_image",
-    # 08 training
+    # 10 training
     "check_unet_training_loss", "check_drop_captions",
-    # 09 editing
+    # 11 editing
     "check_blend_latents", "check_ddim_inversion_step", "check_slerp",
-    # 10 fine-tuning
+    # 12 fine-tuning
     "check_textual_inversion_step", "check_lora_layer",
 ]

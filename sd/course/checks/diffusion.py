@@ -1,4 +1,4 @@
-"""Checks for notebook 05 (forward diffusion): SD's noise schedule, and `add_noise`, q(x_t | x_0) in closed form.
+"""Checks for notebook 06 (forward diffusion): SD's noise schedule, and `add_noise`, q(x_t | x_0) in closed form.
 
 Each check compares with `sd.diffusion.DiffusionScheduler`; the `Mistake`s below recompute the reference the
 typical wrong ways (linear instead of scaled-linear betas, no cumulative product, alpha_bar at t-1 or t+1,
@@ -16,13 +16,13 @@ DDPM_BETA_START = 1e-4
 DDPM_BETA_END = 0.02
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 5.1: the schedule
+# Exercise 6.1: the schedule
 # ----------------------------------------------------------------------------------------------------------
 
 
 def reference_schedule(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START,
                        beta_end: float = BETA_END) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(betas, alphas, alphas_cumprod) of sd.diffusion.DiffusionScheduler, with exercise 5.1's signature."""
+    """(betas, alphas, alphas_cumprod) of sd.diffusion.DiffusionScheduler, with exercise 6.1's signature."""
     s = DiffusionScheduler(num_train_timesteps, beta_start, beta_end)
     return s.betas, s.alphas, s.alphas_cumprod
 
@@ -46,7 +46,7 @@ def _schedule(n: int, beta_start: float, beta_end: float, betas: str = "scaled_l
 
 
 def check_schedule(fn) -> bool:
-    """Exercise 5.1: fn(num_train_timesteps, beta_start, beta_end) -> (betas, alphas, alphas_cumprod), each (T,)."""
+    """Exercise 6.1: fn(num_train_timesteps, beta_start, beta_end) -> (betas, alphas, alphas_cumprod), each (T,)."""
     cases = [Case({"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": BETA_START, "beta_end": BETA_END}),
              Case({"num_train_timesteps": 10, "beta_start": DDPM_BETA_START, "beta_end": DDPM_BETA_END}),
              Case({"num_train_timesteps": 50, "beta_start": 0.001, "beta_end": 0.05})]
@@ -77,12 +77,12 @@ def check_schedule(fn) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 5.2: add_noise, q(x_t | x_0) in closed form
+# Exercise 6.2: add_noise, q(x_t | x_0) in closed form
 # ----------------------------------------------------------------------------------------------------------
 
 
 def reference_add_noise(x0: torch.Tensor, noise: torch.Tensor, t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """sd.diffusion.DiffusionScheduler.add_noise on the schedule with this alpha_bar (exercise 5.2's signature)."""
+    """sd.diffusion.DiffusionScheduler.add_noise on the schedule with this alpha_bar (exercise 6.2's signature)."""
     s = DiffusionScheduler(num_train_timesteps=len(alphas_cumprod))
     s.alphas_cumprod = alphas_cumprod
     return s.add_noise(x0, noise, t)
@@ -104,7 +104,7 @@ def _noised(x0, noise, t, alphas_cumprod, shift: int = 0, signal: str = "sqrt_ab
 
 
 def check_add_noise(fn) -> bool:
-    """Exercise 5.2: fn(x0, noise, t, alphas_cumprod) = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+    """Exercise 6.2: fn(x0, noise, t, alphas_cumprod) = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
     sd_schedule = DiffusionScheduler().alphas_cumprod
     ddpm_schedule = DiffusionScheduler(100, DDPM_BETA_START, DDPM_BETA_END).alphas_cumprod
     with seeded(50):

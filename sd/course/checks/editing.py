@@ -1,4 +1,4 @@
-"""Checks for the editing notebook (09): inpainting's latent blending, one DDIM inversion step, slerp.
+"""Checks for the editing notebook (11): inpainting's latent blending, one DDIM inversion step, slerp.
 
 The references are written here after the papers and are proved in tests/test_checks_editing.py to be what `sd`
 and diffusers compute: the blend in a sampling loop gives `sd.editing.inpaint.inpaint`'s latents (and is
@@ -29,7 +29,7 @@ def _alpha_bar(t: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 9.1: inpainting's blending step
+# Exercise 11.1: inpainting's blending step
 # ----------------------------------------------------------------------------------------------------------
 
 def reference_blend_latents(x: torch.Tensor, original: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
@@ -56,7 +56,7 @@ def _blend_cases() -> list[Case]:
 
 
 def check_blend_latents(fn) -> bool:
-    """Exercise 9.1: fn(x, original, noise, mask, alpha_bar_next) -> the latents with the kept region put back."""
+    """Exercise 11.1: fn(x, original, noise, mask, alpha_bar_next) -> the latents with the kept region put back."""
     def wrong(kind):
         def compute(ref, c):
             x, original, noise, mask, alpha_bar = c.inputs.values()
@@ -88,7 +88,7 @@ def check_blend_latents(fn) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 9.2: one DDIM inversion step
+# Exercise 11.2: one DDIM inversion step
 # ----------------------------------------------------------------------------------------------------------
 
 def reference_ddim_inversion_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor,
@@ -110,7 +110,7 @@ def _inversion_cases() -> list[Case]:
 
 
 def check_ddim_inversion_step(fn) -> bool:
-    """Exercise 9.2: fn(x_t, eps, alpha_bar_t, alpha_bar_next) -> x at the noisier level alpha_bar_next."""
+    """Exercise 11.2: fn(x_t, eps, alpha_bar_t, alpha_bar_next) -> x at the noisier level alpha_bar_next."""
     def wrong(kind):
         def compute(ref, c):
             x_t, eps, alpha_bar_t, alpha_bar_next = c.inputs.values()
@@ -128,7 +128,7 @@ def check_ddim_inversion_step(fn) -> bool:
     mistakes = [
         Mistake("alpha_bar_t and alpha_bar_next are swapped: that is an ordinary (denoising) DDIM step; take x_0 "
                 "from x_t at its own level alpha_bar_t, then go up to the noisier alpha_bar_next", wrong("swapped")),
-        Mistake("this returns a tuple (x, predicted x_0), as notebook 06's DDIM step does: return the latent at "
+        Mistake("this returns a tuple (x, predicted x_0), as notebook 07's DDIM step does: return the latent at "
                 "the noisier level only", wrong("tuple")),
         Mistake("this is the predicted x_0: go on and noise it to alpha_bar_next with the same eps",
                 wrong("x0")),
@@ -147,7 +147,7 @@ def check_ddim_inversion_step(fn) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 9.3: slerp
+# Exercise 11.3: slerp
 # ----------------------------------------------------------------------------------------------------------
 
 def _parallel_pair() -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +180,7 @@ def _slerp_formula(a: torch.Tensor, b: torch.Tensor, t: float, *, normalise: boo
 
 
 def check_slerp(fn) -> bool:
-    """Exercise 9.3: fn(a, b, t) -> the point a fraction t along the great circle from a (t = 0) to b (t = 1)."""
+    """Exercise 11.3: fn(a, b, t) -> the point a fraction t along the great circle from a (t = 0) to b (t = 1)."""
     def wrong(**how):
         return lambda ref, c: _slerp_formula(*c.inputs.values(), **how)
 

@@ -197,7 +197,7 @@ def check_textual_inversion_step(fn) -> bool:
     ]
     return check_function("check_textual_inversion_step", _runner(fn),
                           _runner(reference_textual_inversion_step), cases, mistakes,
-                          hint="context = pipe.clip(pipe.tokenizer(prompts)); the loss of exercise 8.1 on "
+                          hint="context = pipe.clip(pipe.tokenizer(prompts)); the loss of exercise 10.1 on "
                                "(latents, context); zero_grad, backward, zero the gradient of the other rows, step",
                           reference_name="sd.adapters.textual_inversion.textual_inversion_step "
                                          "(reference_textual_inversion_step)")

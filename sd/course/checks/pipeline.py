@@ -1,4 +1,4 @@
-"""Check for notebook 07 (text to image): the whole loop from a prompt to a picture, against `StableDiffusion.generate`.
+"""Check for notebook 09 (text to image): the whole loop from a prompt to a picture, against `StableDiffusion.generate`.
 
 The check builds a tiny Stable Diffusion with random weights (every module of SD v1, only narrow), runs the
 learner's loop and `generate` on the same prompt and seed, and compares the images. The `Mistake`s rerun the
@@ -73,7 +73,7 @@ def tiny_pipeline(seed: int = 0) -> TinyStableDiffusion:
 def reference_text_to_image(pipe: StableDiffusion, prompt: str, negative_prompt: str = "", *, height: int,
                             width: int, num_inference_steps: int, guidance_scale: float, seed: int,
                             sampler: str = "ddim") -> torch.Tensor:
-    """The reference for exercise 7.1: `pipe.generate` with the same arguments, as a (1, 3, H, W) tensor in [0, 1]."""
+    """The reference for exercise 9.1: `pipe.generate` with the same arguments, as a (1, 3, H, W) tensor in [0, 1]."""
     return pipe.generate(prompt, negative_prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, sampler=sampler, seed=seed, output_type="pt", progress=False)
 
@@ -106,7 +106,7 @@ def _loop_done_wrong(pipe, prompt, negative_prompt="", *, height, width, num_inf
 
 
 def check_text_to_image(fn) -> bool:
-    """Exercise 7.1: fn(pipe, prompt, negative_prompt, *, height, width, num_inference_steps, guidance_scale, seed,
+    """Exercise 9.1: fn(pipe, prompt, negative_prompt, *, height, width, num_inference_steps, guidance_scale, seed,
     sampler) -> the image as a (1, 3, H, W) tensor in [0, 1], the same as pipe.generate(..., output_type="pt")."""
     pipe = tiny_pipeline()
     size = dict(height=_IMAGE_SIZE, width=_IMAGE_SIZE)

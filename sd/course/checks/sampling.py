@@ -1,4 +1,4 @@
-"""Checks for notebook 06 (sampling): the DDPM step, the DDIM step, the alpha_bar_prev of a run, guidance.
+"""Checks for notebook 07 (sampling): the DDPM step, the DDIM step, the alpha_bar_prev of a run, guidance.
 
 Each check compares with `sd.samplers` (the update rules and the noise levels of a DDIM run) or with the guidance
 line of `sd.diffusion.DiffusionScheduler.sample`; the `Mistake`s recompute the reference the typical wrong ways
@@ -39,7 +39,7 @@ def _step_cases(seed: int, with_noise: bool) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 6.1: the DDPM step
+# Exercise 7.1: the DDPM step
 # ----------------------------------------------------------------------------------------------------------
 
 def _ddpm_wrong(x_t, eps, alpha_bar_t, alpha_bar_prev, noise, *, variance: str = "posterior", sqrt_std: bool = True,
@@ -61,7 +61,7 @@ def _ddpm_wrong(x_t, eps, alpha_bar_t, alpha_bar_prev, noise, *, variance: str =
 
 
 def check_ddpm_step(fn) -> bool:
-    """Exercise 6.1: fn(x_t, eps, alpha_bar_t, alpha_bar_prev, noise) -> (x_prev, pred_x0), Ho et al. 2020, eq. 6-7."""
+    """Exercise 7.1: fn(x_t, eps, alpha_bar_t, alpha_bar_prev, noise) -> (x_prev, pred_x0), Ho et al. 2020, eq. 6-7."""
     def wrong(**how):
         return lambda ref, c: _ddpm_wrong(*c.inputs.values(), **how)
 
@@ -101,7 +101,7 @@ def check_ddpm_step(fn) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 6.2: the DDIM step
+# Exercise 7.2: the DDIM step
 # ----------------------------------------------------------------------------------------------------------
 
 def _ddim_wrong(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None, *, sqrt_prev: bool = True,
@@ -124,7 +124,7 @@ def _ddim_wrong(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None, *, s
 
 
 def check_ddim_step(fn) -> bool:
-    """Exercise 6.2: fn(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None) -> (x_prev, pred_x0)."""
+    """Exercise 7.2: fn(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None) -> (x_prev, pred_x0)."""
     cases = _step_cases(11, with_noise=False)   # eta = 0: deterministic, noise=None
     with seeded(12):
         for j, (t, t_prev) in enumerate(_STEP_PAIRS[:2]):
@@ -169,7 +169,7 @@ def check_ddim_step(fn) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 6.3: alpha_bar_prev of every step of a run
+# Exercise 7.3: alpha_bar_prev of every step of a run
 # ----------------------------------------------------------------------------------------------------------
 
 def reference_previous_alpha_bars(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ def reference_previous_alpha_bars(alphas_cumprod: torch.Tensor, timesteps: torch
 
 
 def check_previous_alpha_bars(fn) -> bool:
-    """Exercise 6.3: fn(alphas_cumprod (T,), timesteps (n,)) -> alpha_bar at each step's next timestep (n,)."""
+    """Exercise 7.3: fn(alphas_cumprod (T,), timesteps (n,)) -> alpha_bar at each step's next timestep (n,)."""
     # a short schedule whose T is not a multiple of n, so a step size computed the wrong way shows
     short = torch.cumprod(1 - torch.linspace(1e-3, 0.05, 100), dim=0)
     cases = [Case({"alphas_cumprod": _ALPHAS_CUMPROD.clone(), "timesteps": leading_timesteps(n, len(_ALPHAS_CUMPROD))})
@@ -223,7 +223,7 @@ def check_previous_alpha_bars(fn) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 6.4: classifier-free guidance
+# Exercise 7.4: classifier-free guidance
 # ----------------------------------------------------------------------------------------------------------
 
 class ToyUNet:
@@ -297,7 +297,7 @@ def _structure_problem(fn) -> str | None:
 
 
 def check_classifier_free_guidance(fn) -> bool:
-    """Exercise 6.4: fn(unet, x, t, context, uncond_context, guidance_scale) -> guided eps, one UNet pass."""
+    """Exercise 7.4: fn(unet, x, t, context, uncond_context, guidance_scale) -> guided eps, one UNet pass."""
     require_callable("check_classifier_free_guidance", fn)
     problem = _structure_problem(fn)
     if problem is not None:

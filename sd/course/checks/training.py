@@ -1,4 +1,4 @@
-"""Checks for notebook 08 (training): the UNet's training loss, and the caption dropout of classifier-free guidance.
+"""Checks for notebook 10 (training): the UNet's training loss, and the caption dropout of classifier-free guidance.
 
 Both exercises draw random numbers, so both take a `torch.Generator`: the check runs the learner's function and
 the reference with generators seeded alike and compares the results exactly (for the loss, also the gradients it
@@ -41,12 +41,12 @@ def _hint_line(hint: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 8.1: the UNet's training loss
+# Exercise 10.1: the UNet's training loss
 # ----------------------------------------------------------------------------------------------------------
 
 def reference_unet_training_loss(unet, latents: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
                                  latent_scale: float, generator: torch.Generator) -> torch.Tensor:
-    """sd.training.unet.diffusion_loss on latents * latent_scale, with exercise 8.1's signature."""
+    """sd.training.unet.diffusion_loss on latents * latent_scale, with exercise 10.1's signature."""
     scheduler = DiffusionScheduler(num_train_timesteps=len(alphas_cumprod))
     scheduler.alphas_cumprod = alphas_cumprod
     return diffusion_loss(unet, scheduler, latents * latent_scale, context, generator)
@@ -157,7 +157,7 @@ def _same_number(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def check_unet_training_loss(fn) -> bool:
-    """Exercise 8.1: fn(unet, latents, context, alphas_cumprod, latent_scale, generator) -> SD's training loss."""
+    """Exercise 10.1: fn(unet, latents, context, alphas_cumprod, latent_scale, generator) -> SD's training loss."""
     name = "check_unet_training_loss"
     require_callable(name, fn)
 
@@ -248,7 +248,7 @@ def _matches(mistake: Mistake, case: Case, got: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 8.2: caption dropout for classifier-free guidance
+# Exercise 10.2: caption dropout for classifier-free guidance
 # ----------------------------------------------------------------------------------------------------------
 
 def reference_drop_captions(captions: Sequence[str], generator: torch.Generator,
@@ -289,7 +289,7 @@ def _caption_cases() -> list[Case]:
 
 
 def check_drop_captions(fn) -> bool:
-    """Exercise 8.2: fn(captions, generator, p) -> the captions, each replaced by "" with probability p."""
+    """Exercise 10.2: fn(captions, generator, p) -> the captions, each replaced by "" with probability p."""
     name = "check_drop_captions"
     require_callable(name, fn)
     hint = ("one uniform number per caption, drop = torch.rand(len(captions), generator=generator) < p; "

@@ -1,4 +1,4 @@
-"""Checks for notebook 04 (UNet): the timestep embedding, the residual block with time, GEGLU, the transformer block,
+"""Checks for notebook 05 (UNet): the timestep embedding, the residual block with time, GEGLU, the transformer block,
 the spatial transformer, and the UNet's forward with its skip connections.
 
 Each check compares with `sd.timestep_embedding` / `sd.unet_blocks` / `sd.unet`; the `Mistake`s below recompute
@@ -28,7 +28,7 @@ DEFAULT_GROUP_NORM_EPS = 1e-5
 LOW_STD = 1e-3
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 4.1: the sinusoidal timestep embedding
+# Exercise 5.1: the sinusoidal timestep embedding
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -49,7 +49,7 @@ def _embedding(timesteps: torch.Tensor, dim: int, order: str = "cos_sin", diviso
 
 
 def check_timestep_embedding(fn) -> bool:
-    """Exercise 4.1: fn(timesteps (B,), dim) -> (B, dim) = [cos(t f_i), sin(t f_i)], f_i = 10000^(-i / (dim/2))."""
+    """Exercise 5.1: fn(timesteps (B,), dim) -> (B, dim) = [cos(t f_i), sin(t f_i)], f_i = 10000^(-i / (dim/2))."""
     with seeded(40):
         cases = [Case({"timesteps": torch.tensor([0, 1, 10, 500, 999]), "dim": 320}),
                  Case({"timesteps": torch.randint(0, 1000, (3,)), "dim": 64}),
@@ -80,7 +80,7 @@ def check_timestep_embedding(fn) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 4.2: the residual block with time
+# Exercise 5.2: the residual block with time
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -108,7 +108,7 @@ def _res_block(ref: ResBlock, x: torch.Tensor, time_emb: torch.Tensor, time_at: 
 
 
 def check_res_block(cls) -> bool:
-    """Exercise 4.2: cls(in_channels, out_channels, time_dim, groups); forward(x (B, C_in, H, W), time_emb)."""
+    """Exercise 5.2: cls(in_channels, out_channels, time_dim, groups); forward(x (B, C_in, H, W), time_emb)."""
     with seeded(41):
         # the first case keeps the width, so a time embedding added to the input still fits and can be named
         cases = [Case({"x": randn(2, 16, 6, 6), "time_emb": randn(2, 24)},
@@ -143,7 +143,7 @@ def check_res_block(cls) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 4.3: GEGLU
+# Exercise 5.3: GEGLU
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -156,7 +156,7 @@ def _geglu(ref: GEGLU, x: torch.Tensor, value_first: bool = True, activation: st
 
 
 def check_geglu(cls) -> bool:
-    """Exercise 4.3: cls(dim, inner_dim) with `proj`; forward(x (B, T, dim)) = value * GELU(gate), (B, T, inner_dim)."""
+    """Exercise 5.3: cls(dim, inner_dim) with `proj`; forward(x (B, T, dim)) = value * GELU(gate), (B, T, inner_dim)."""
     with seeded(42):
         # 3 x randn spreads the gates over [-6, 6], where exact and tanh GELU differ by up to ~5e-4
         cases = [Case({"x": 3 * randn(2, 5, 16)}, init={"dim": 16, "inner_dim": 32}),
@@ -181,7 +181,7 @@ def check_geglu(cls) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 4.4: the transformer block
+# Exercise 5.4: the transformer block
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -211,7 +211,7 @@ def _transformer_block(ref: TransformerBlock, x: torch.Tensor, context: torch.Te
 
 
 def check_transformer_block(cls) -> bool:
-    """Exercise 4.4: cls(dim, context_dim, heads); forward(x (B, T, dim), context (B, S, context_dim)), (B, T, dim)."""
+    """Exercise 5.4: cls(dim, context_dim, heads); forward(x (B, T, dim), context (B, S, context_dim)), (B, T, dim)."""
     with seeded(43):
         # the first case has context_dim == dim, so keys taken from x instead of the context can be named
         cases = [Case({"x": randn(2, 6, 32), "context": randn(2, 5, 32)},
@@ -247,7 +247,7 @@ def check_transformer_block(cls) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 4.5: the spatial transformer
+# Exercise 5.5: the spatial transformer
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -276,7 +276,7 @@ def _spatial_transformer(ref: SpatialTransformer, x: torch.Tensor, context: torc
 
 
 def check_spatial_transformer(cls) -> bool:
-    """Exercise 4.5: cls(channels, context_dim, heads, depth, groups); forward(x (B, C, H, W), context (B, S, D))."""
+    """Exercise 5.5: cls(channels, context_dim, heads, depth, groups); forward(x (B, C, H, W), context (B, S, D))."""
     with seeded(44):
         # the first input has a tiny variance, so the GroupNorm's epsilon (1e-6 vs 1e-5) shows in the output
         cases = [Case({"x": LOW_STD * randn(2, 32, 6, 6), "context": randn(2, 5, 16)},
@@ -306,7 +306,7 @@ def check_spatial_transformer(cls) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 4.6: the UNet's forward, with its skip connections
+# Exercise 5.6: the UNet's forward, with its skip connections
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -356,7 +356,7 @@ def _unet_cases() -> list[Case]:
 
 
 def check_unet_forward(cls) -> bool:
-    """Exercise 4.6: cls a subclass of sd.DiffusionUNET whose forward(latent, context, timestep (B,)) you wrote."""
+    """Exercise 5.6: cls a subclass of sd.DiffusionUNET whose forward(latent, context, timestep (B,)) you wrote."""
     def wrong(**how):
         return lambda ref, c: _unet_forward(ref, *c.inputs.values(), **how)
 
