@@ -20,6 +20,8 @@ BETA_START = 0.00085
 BETA_END = 0.012
 # The shape the seed samples when no shape is given: one 512 x 512 image is a (1, 4, 64, 64) latent.
 DEFAULT_LATENT_SHAPE = (1, 4, 64, 64)
+# Min-SNR loss weighting's clip, Hang et al. 2023 ("Efficient Diffusion Training via Min-SNR Weighting Strategy").
+MIN_SNR_GAMMA = 5.0
 
 __all__ = ["DiffusionScheduler", "SAMPLERS"]
 
@@ -170,15 +172,36 @@ class DiffusionScheduler:
         return context, uncond_context
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
+    """(T,) min-SNR weights of the noise-prediction loss: min(SNR(t), gamma) / SNR(t), with
+    SNR(t) = alpha_bar_t / (1 - alpha_bar_t).
+
+    Hang et al. 2023 weigh the x_0 error by min(SNR, gamma); for an epsilon-predicting UNet, whose x_0 error is the
+    epsilon error / SNR, that is this weight on the epsilon error: 1 at the noisy steps (SNR <= gamma), less on the
+    nearly clean ones. (diffusers' train_text_to_image.py --snr_gamma computes the same for epsilon-prediction.)
+    """
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=gamma) / snr
+
+
 def diffusion_loss(unet, scheduler: DiffusionScheduler, z0: torch.Tensor, context: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator, weight: torch.Tensor | None = None) -> torch.Tensor:
     """SD's training objective on clean latents z0 (B, 4, h, w): MSE between the true and predicted noise.
 
     Ho et al. 2020, algorithm 1; Rombach et al. 2022, eq. 2. Here, next to the schedule it noises with, because
     both the UNet's training (sd/training/unet.py) and textual inversion (sd/adapters/) minimise it.
+    weight: None (SD's plain mean), or (T,) per-timestep weights (e.g. min_snr_weights): each sample's mean squared
+    error times weight[t], averaged over the batch.
     """
     b = z0.shape[0]
     t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator).to(z0.device)   # (B,)
     eps = torch.randn(z0.shape, generator=generator).to(z0.device)
     z_t = scheduler.add_noise(z0, eps, t)          # Ho et al. 2020, eq. 4
-    return F.mse_loss(unet(z_t, context, t).float(), eps)
+    pred = unet(z_t, context, t).float()
+    if weight is None:
+        return F.mse_loss(pred, eps)
+    if weight.shape != (scheduler.num_train_timesteps,):
+        raise ValueError(f"weight must hold one number per training timestep, shape "
+                         f"({scheduler.num_train_timesteps},), got {tuple(weight.shape)}")
+    per_sample = (pred - eps).pow(2).flatten(1).mean(dim=1)                    # (B,)
+    return (weight.to(per_sample.device)[t] * per_sample).mean()

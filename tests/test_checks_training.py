@@ -18,18 +18,22 @@ from tests.check_helpers import rejects
 # 10.1 the UNet's training loss, as a learner might write it
 # ---------------------------------------------------------------------------------------------------------
 
-def loss_right(unet, latents, context, alphas_cumprod, latent_scale, generator):
-    """Right, written differently: indexing with None, an explicit squared error."""
+def loss_right(unet, latents, context, alphas_cumprod, latent_scale, generator, weight=None):
+    """Right, written differently: indexing with None, an explicit squared error, the weights per element."""
     z0 = latents * latent_scale
     t = torch.randint(0, alphas_cumprod.shape[0], (z0.shape[0],), generator=generator)
     noise = torch.randn(z0.shape, generator=generator)
     a = alphas_cumprod[t][:, None, None, None]
     z_t = torch.sqrt(a) * z0 + torch.sqrt(1 - a) * noise
-    return ((unet(z_t, context, t) - noise) ** 2).mean()
+    squared = (unet(z_t, context, t) - noise) ** 2
+    if weight is not None:
+        squared = squared * weight[t][:, None, None, None]
+    return squared.mean()
 
 
 def _loss(unet, latents, context, alphas_cumprod, latent_scale, generator, *, target="noise", low=0, high=None,
-          scale=True, noise_first=False, sqrt=True, shift=0, detach=False, item=False, per_sample=False):
+          scale=True, noise_first=False, sqrt=True, shift=0, detach=False, item=False, per_sample=False,
+          weight=None, weighting="right"):
     z0 = latents * latent_scale if scale else latents
     high = len(alphas_cumprod) if high is None else high
     if noise_first:
@@ -44,39 +48,46 @@ def _loss(unet, latents, context, alphas_cumprod, latent_scale, generator, *, ta
     if detach:
         pred = pred.detach()
     goal = {"noise": noise, "x0": z0, "z_t": z_t}[target]
-    loss = ((pred - goal) ** 2).mean(dim=(1, 2, 3)) if per_sample else F.mse_loss(pred, goal)
+    errors = ((pred - goal) ** 2).mean(dim=(1, 2, 3))                  # (B,)
+    if weight is not None and weighting == "right":
+        errors = errors * weight[t]
+    loss = errors if per_sample else errors.mean()
+    if weight is not None and weighting == "batch_mean":
+        loss = weight[t].mean() * F.mse_loss(pred, goal)
+    if weight is not None and weighting == "broadcast":
+        loss = ((pred - goal) ** 2 * weight[t]).mean()
     return loss.item() if item else loss
 
 
-def loss_predicts_x0(*args):
-    return _loss(*args, target="x0")
+def loss_predicts_x0(*args, **kwargs):
+    return _loss(*args, target="x0", **kwargs)
 
 
-def loss_t_from_1_to_1000(*args):
-    return _loss(*args, low=1, high=len(args[3]) + 1)
+def loss_t_from_1_to_1000(*args, **kwargs):
+    return _loss(*args, low=1, high=len(args[3]) + 1, **kwargs)
 
 
-def loss_against_noisy_latent(*args):
-    return _loss(*args, target="z_t")
+def loss_against_noisy_latent(*args, **kwargs):
+    return _loss(*args, target="z_t", **kwargs)
 
 
-def loss_without_latent_scale(*args):
-    return _loss(*args, scale=False)
+def loss_without_latent_scale(*args, **kwargs):
+    return _loss(*args, scale=False, **kwargs)
 
 
-def loss_alpha_bar_without_sqrt(*args):
-    return _loss(*args, sqrt=False)
+def loss_alpha_bar_without_sqrt(*args, **kwargs):
+    return _loss(*args, sqrt=False, **kwargs)
 
 
-def loss_alpha_bar_previous_step(*args):
-    return _loss(*args, shift=-1)
+def loss_alpha_bar_previous_step(*args, **kwargs):
+    return _loss(*args, shift=-1, **kwargs)
 
 
-def loss_noise_drawn_first(*args):
-    return _loss(*args, noise_first=True)
+def loss_noise_drawn_first(*args, **kwargs):
+    return _loss(*args, noise_first=True, **kwargs)
 
 
-def loss_global_rng(unet, latents, context, alphas_cumprod, latent_scale, generator):
+def loss_global_rng(unet, latents, context, alphas_cumprod, latent_scale, generator, weight=None):
     z0 = latents * latent_scale
     t = torch.randint(0, len(alphas_cumprod), (len(z0),))          # the generator is forgotten
     noise = torch.randn_like(z0)
@@ -84,7 +95,7 @@ def loss_global_rng(unet, latents, context, alphas_cumprod, latent_scale, genera
     return F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, context, t), noise)
 
 
-def loss_hardcoded_1000(unet, latents, context, alphas_cumprod, latent_scale, generator):
+def loss_hardcoded_1000(unet, latents, context, alphas_cumprod, latent_scale, generator, weight=None):
     z0 = latents * latent_scale
     t = torch.randint(0, 1000, (len(z0),), generator=generator)
     noise = torch.randn(z0.shape, generator=generator)
@@ -113,6 +124,32 @@ def test_unet_training_loss_check_names_the_mistake(impl, fragments):
     rejects(check_unet_training_loss, impl, *fragments)
 
 
+def loss_weights_ignored(*args, **kwargs):
+    return _loss(*args, **kwargs, weighting="ignored")
+
+
+def loss_weights_times_batch_mean(*args, **kwargs):
+    return _loss(*args, **kwargs, weighting="batch_mean")
+
+
+def loss_weights_not_reshaped(*args, **kwargs):
+    return _loss(*args, **kwargs, weighting="broadcast")
+
+
+def loss_without_weight_parameter(unet, latents, context, alphas_cumprod, latent_scale, generator):
+    return _loss(unet, latents, context, alphas_cumprod, latent_scale, generator)
+
+
+@pytest.mark.parametrize("impl, fragments", [
+    (loss_weights_ignored, ["the weights are ignored", "weight[t]"]),
+    (loss_weights_times_batch_mean, ["the weights multiply the batch's mean error"]),
+    (loss_weights_not_reshaped, ["without a reshape", "broadcasts along the width"]),
+    (loss_without_weight_parameter, ["unexpected keyword argument 'weight'", "optional last argument weight=None"]),
+])
+def test_unet_training_loss_check_names_the_weighting_mistakes(impl, fragments):
+    rejects(check_unet_training_loss, impl, *fragments)
+
+
 def test_unet_training_loss_check_explains_losses_that_cannot_train():
     rejects(check_unet_training_loss, lambda *a: _loss(*a, item=True), "should be a tensor", "loss.item()")
     rejects(check_unet_training_loss, lambda *a: _loss(*a, per_sample=True), "should be one number", "shape (4,)")
@@ -120,7 +157,7 @@ def test_unet_training_loss_check_explains_losses_that_cannot_train():
 
 
 def test_unet_training_loss_check_compares_gradients_not_only_the_loss():
-    def half_detached(unet, latents, context, alphas_cumprod, latent_scale, generator):
+    def half_detached(unet, latents, context, alphas_cumprod, latent_scale, generator, weight=None):
         # the same value, but only half of the batch sends gradients into the UNet
         z0 = latents * latent_scale
         t = torch.randint(0, len(alphas_cumprod), (len(z0),), generator=generator)

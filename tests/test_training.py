@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import sd
 from sd.training.data import ShapesDataset
-from sd.diffusion import DiffusionScheduler
+from sd.diffusion import DiffusionScheduler, min_snr_weights
 from sd.training import (STAGES, TrainOptions, batch_indices, contrastive_loss, diffusion_loss, drop_captions,
                          read_stage, train_stage)
 from sd.training.vae import VAE, vae_loss
@@ -130,6 +130,38 @@ def test_diffusion_loss_is_zero_for_a_unet_that_knows_the_noise():
     wrong = diffusion_loss(lambda z, c, t: torch.zeros_like(z), scheduler, z0, torch.zeros(5, 77, 8),
                            torch.Generator().manual_seed(1))
     assert 0.8 < wrong.item() < 1.2      # predicting 0 costs E[eps^2] = 1
+
+
+def test_min_snr_weights_match_diffusers_training_script():
+    """diffusers' train_text_to_image.py --snr_gamma 5, epsilon-prediction: min(SNR, 5) / SNR from compute_snr."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.arange(1000)
+    snr = compute_snr(reference, t)
+    expected = torch.stack([snr, 5.0 * torch.ones_like(t)], dim=1).min(dim=1)[0] / snr
+    ours = min_snr_weights(DiffusionScheduler().alphas_cumprod, 5.0)
+    torch.testing.assert_close(ours, expected.float(), rtol=1e-5, atol=1e-7)
+    assert ours[-1] == 1 and ours[0] < 0.01          # noisy steps keep weight 1, nearly clean ones far less
+
+
+def test_diffusion_loss_weighs_each_sample_by_its_timestep():
+    scheduler = DiffusionScheduler()
+    z0, context = torch.randn(6, 4, 8, 8), torch.zeros(6, 77, 8)
+    weight = torch.rand(1000) + 0.1
+    zero_unet = lambda z, c, t: torch.zeros_like(z)      # its error is the noise itself
+    loss = diffusion_loss(zero_unet, scheduler, z0, context, torch.Generator().manual_seed(2), weight=weight)
+    generator = torch.Generator().manual_seed(2)         # the same draws, in the same order: t, then the noise
+    t = torch.randint(0, 1000, (6,), generator=generator)
+    eps = torch.randn(z0.shape, generator=generator)
+    expected = sum(weight[t[b]] * eps[b].pow(2).mean() for b in range(6)) / 6
+    torch.testing.assert_close(loss, expected)
+    ones = diffusion_loss(zero_unet, scheduler, z0, context, torch.Generator().manual_seed(2), weight=torch.ones(1000))
+    plain = diffusion_loss(zero_unet, scheduler, z0, context, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ones, plain)
+    with pytest.raises(ValueError, match=r"one number per training timestep, shape \(1000,\), got \(999,\)"):
+        diffusion_loss(zero_unet, scheduler, z0, context, torch.Generator().manual_seed(2), weight=torch.ones(999))
 
 
 def test_caption_dropout_replaces_about_ten_percent_with_the_empty_caption():

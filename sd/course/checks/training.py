@@ -4,9 +4,11 @@ Both exercises draw random numbers, so both take a `torch.Generator`: the check 
 the reference with generators seeded alike and compares the results exactly (for the loss, also the gradients it
 sends into the model's weights; the model is a small stand-in for the UNet, with the UNet's call). The references
 are `sd.training.unet.diffusion_loss` and `sd.training.unet.drop_captions`, the code that trained the shipped
-model, called with the exercises' signatures. The `Mistake`s recompute the loss the typical wrong ways (x_0 or x_t
-as the target, t drawn from [1, T], no latent scale, a wrong alpha_bar, ...) and the dropout the typical wrong
-ways (probability 1 - p, the whole batch at once, ...), so a wrong answer is named, not just reported.
+model, called with the exercises' signatures. The loss takes optional per-timestep weights (min-SNR weighting,
+Hang et al. 2023), checked on batches with weights too. The `Mistake`s recompute the loss the typical wrong ways
+(x_0 or x_t as the target, t drawn from [1, T], no latent scale, a wrong alpha_bar, the weights ignored or applied
+to the batch's mean, ...) and the dropout the typical wrong ways (probability 1 - p, the whole batch at once, ...),
+so a wrong answer is named, not just reported.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import LATENT_SCALE
-from ...diffusion import DiffusionScheduler
+from ...diffusion import DiffusionScheduler, min_snr_weights
 from ...training.data import caption_for, training_combinations
 from ...training.unet import CAPTION_DROPOUT, diffusion_loss, drop_captions
 from ...timestep_embedding import timestep_embedding
@@ -45,16 +47,18 @@ def _hint_line(hint: str | None) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def reference_unet_training_loss(unet, latents: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
-                                 latent_scale: float, generator: torch.Generator) -> torch.Tensor:
+                                 latent_scale: float, generator: torch.Generator,
+                                 weight: torch.Tensor | None = None) -> torch.Tensor:
     """sd.training.unet.diffusion_loss on latents * latent_scale, with exercise 10.1's signature."""
     scheduler = DiffusionScheduler(num_train_timesteps=len(alphas_cumprod))
     scheduler.alphas_cumprod = alphas_cumprod
-    return diffusion_loss(unet, scheduler, latents * latent_scale, context, generator)
+    return diffusion_loss(unet, scheduler, latents * latent_scale, context, generator, weight=weight)
 
 
 def _wrong_loss(unet, latents, context, alphas_cumprod, latent_scale, generator, *, target: str = "noise",
                 t_range: str = "right", noise_first: bool = False, scale: str = "multiply", coef: str = "right",
-                shift: int = 0, reshape: bool = True, one_t: bool = False, reduction: str = "mean"):
+                shift: int = 0, reshape: bool = True, one_t: bool = False, reduction: str = "mean", weight=None,
+                weighting: str = "right"):
     """The loss with one thing done a chosen wrong way (the defaults are the right way)."""
     b, n = latents.shape[0], len(alphas_cumprod)
     z0 = {"multiply": latents * latent_scale, "none": latents, "divide": latents / latent_scale}[scale]
@@ -74,7 +78,14 @@ def _wrong_loss(unet, latents, context, alphas_cumprod, latent_scale, generator,
     z_t = signal * z0 + noise_coef * noise
     pred = unet(z_t, context, t)
     goal = {"noise": noise, "x0": z0, "z_t": z_t}[target]
-    return F.mse_loss(pred, goal, reduction=reduction)
+    if weight is None or weighting == "ignored":
+        return F.mse_loss(pred, goal, reduction=reduction)
+    if weighting == "after_mean":                                  # mean(weight[t]) * the batch's mean error
+        return weight[t].mean() * F.mse_loss(pred, goal)
+    if weighting == "not_reshaped":                                # weight[t] (B,) broadcast along the width
+        return ((pred - goal) ** 2 * weight[t]).mean()
+    per_sample = ((pred - goal) ** 2).flatten(1).mean(dim=1)       # (B,)
+    return (weight[t] * per_sample).mean()
 
 
 class _NoisePredictor(nn.Module):
@@ -111,8 +122,10 @@ def _loss_and_grads(fn: Callable, case: Case) -> tuple[torch.Tensor, torch.Tenso
     unet = _build_predictor()
     inputs = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.inputs.items()}
     generator = torch.Generator().manual_seed(inputs.pop("seed"))
+    weight = inputs.pop("weight", None)
     with torch.enable_grad():
-        loss = fn(unet, *inputs.values(), generator)
+        loss = fn(unet, *inputs.values(), generator) if weight is None else \
+            fn(unet, *inputs.values(), generator, weight=weight)
         if not isinstance(loss, torch.Tensor):
             raise _NotALoss(f"the loss should be a tensor, got {type(loss).__name__} {loss!r}"[:200]
                             + _hint_line("return the tensor F.mse_loss(...) itself, not loss.item(): "
@@ -132,7 +145,8 @@ def _loss_and_grads(fn: Callable, case: Case) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _loss_cases() -> list[Case]:
-    """Random latents and contexts; the seeds are chosen so that no t = T - 1 is drawn (see the mistakes)."""
+    """Random latents and contexts, the last two with per-timestep weights (min-SNR's, then random ones, batch 4 =
+    width 4 again); the seeds are chosen so that no t = T - 1 is drawn (see the mistakes)."""
     sd_schedule = DiffusionScheduler().alphas_cumprod
     short_schedule = DiffusionScheduler(_SHORT_T, 1e-4, 0.02).alphas_cumprod   # T is not always 1000
     with seeded(80):
@@ -143,13 +157,21 @@ def _loss_cases() -> list[Case]:
                 Case({"latents": _LATENT_STD * randn(3, 4, 6, 6), "context": randn(3, 5, _CONTEXT_DIM),
                       "alphas_cumprod": sd_schedule, "latent_scale": SHIPPED_LATENT_SCALE, "seed": 2}),
                 Case({"latents": _LATENT_STD * randn(5, 4, 4, 4), "context": randn(1, 5, _CONTEXT_DIM),
-                      "alphas_cumprod": short_schedule, "latent_scale": 1 / 3, "seed": 3})]
+                      "alphas_cumprod": short_schedule, "latent_scale": 1 / 3, "seed": 3}),
+                Case({"latents": _LATENT_STD * randn(4, 4, 4, 4), "context": randn(4, 6, _CONTEXT_DIM),
+                      "alphas_cumprod": sd_schedule, "latent_scale": LATENT_SCALE, "seed": 4,
+                      "weight": min_snr_weights(sd_schedule)}),
+                Case({"latents": _LATENT_STD * randn(4, 4, 4, 4), "context": randn(4, 5, _CONTEXT_DIM),
+                      "alphas_cumprod": short_schedule, "latent_scale": 1 / 3, "seed": 5,
+                      "weight": 0.1 + torch.rand(_SHORT_T)})]
 
 
 def _describe(case: Case) -> str:
     i = case.inputs
+    weight = "" if i.get("weight") is None else f", weight = a ({len(i['weight'])},) tensor"
     return (f"latents {tuple(i['latents'].shape)}, context {tuple(i['context'].shape)}, "
-            f"T = {len(i['alphas_cumprod'])}, latent_scale = {i['latent_scale']:.5g}, generator seeded {i['seed']}")
+            f"T = {len(i['alphas_cumprod'])}, latent_scale = {i['latent_scale']:.5g}, generator seeded {i['seed']}"
+            + weight)
 
 
 def _same_number(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -157,12 +179,13 @@ def _same_number(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def check_unet_training_loss(fn) -> bool:
-    """Exercise 10.1: fn(unet, latents, context, alphas_cumprod, latent_scale, generator) -> SD's training loss."""
+    """Exercise 10.1: fn(unet, latents, context, alphas_cumprod, latent_scale, generator, weight=None) -> SD's
+    training loss; with weight (T,), each sample's mean squared error times weight[t], averaged over the batch."""
     name = "check_unet_training_loss"
     require_callable(name, fn)
 
     def wrong(**how):
-        return lambda ref, c: _loss_and_grads(lambda *a: _wrong_loss(*a, **how), c)[0]
+        return lambda ref, c: _loss_and_grads(lambda *a, **k: _wrong_loss(*a, **k, **how), c)[0]
 
     mistakes = [
         Mistake("the target is the clean latent z0: SD's UNet predicts the NOISE (epsilon-prediction, Ho et al. "
@@ -192,6 +215,14 @@ def check_unet_training_loss(fn) -> bool:
                 "alphas_cumprod[t].view(-1, 1, 1, 1)", wrong(reshape=False)),
         Mistake("the loss is summed: take the mean over the batch and every latent element, F.mse_loss(pred, noise)",
                 wrong(reduction="sum")),
+        Mistake("the weights are ignored: with weight given, multiply each sample's mean squared error by "
+                "weight[t] of its own timestep, then average over the batch", wrong(weighting="ignored")),
+        Mistake("the weights multiply the batch's mean error (mean of weight[t] times F.mse_loss): weigh each "
+                "sample's own error, ((pred - noise) ** 2).mean(dim=(1, 2, 3)) is (B,), then average "
+                "weight[t] * that", wrong(weighting="after_mean")),
+        Mistake("weight[t] (shape (B,)) multiplies the squared error (B, C, h, w) without a reshape, so it "
+                "broadcasts along the width: average each sample's error to (B,) first, or use "
+                "weight[t].view(-1, 1, 1, 1)", wrong(weighting="not_reshaped")),
     ]
     hint = ("draw t = torch.randint(0, T, (B,), generator=generator), then noise = torch.randn(z0.shape, "
             "generator=generator); z0 = latents * latent_scale; z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) "
@@ -211,6 +242,12 @@ def check_unet_training_loss(fn) -> bool:
                 raise
             except _NotALoss as e:
                 raise AssertionError(f"{where}:\n  {e}") from None
+            except TypeError as e:
+                if "weight" not in str(e):
+                    raise AssertionError(f"{where}: your code raised TypeError: {e}" + _hint_line(hint)) from e
+                raise AssertionError(f"{where}: your code raised TypeError: {e}" + _hint_line(
+                    "the loss takes an optional last argument weight=None: a (T,) tensor of per-timestep weights "
+                    "(min-SNR weighting); without it, the plain mean squared error")) from e
             except IndexError as e:
                 raise AssertionError(f"{where}: your code raised IndexError: {e}" + _hint_line(
                     "t must index alphas_cumprod: draw it from [0, T) with T = len(alphas_cumprod), "
