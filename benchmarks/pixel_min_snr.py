@@ -5,7 +5,7 @@
 
 Trains notebook 04's TinyUNet on its 16 x 16 shapes twice per seed, with the same data, noise and initial weights:
 once on L_simple (the notebook's loss) and once with each picture's error weighted by min(SNR(t), gamma) / SNR(t),
-gamma = 5 (the paper's eq. 9 written for an epsilon-predicting model). Same steps, batch, AdamW and EMA as the
+gamma = 5 (the paper's weight on the x_0 error, written for an epsilon-predicting model). Same steps, batch, AdamW and EMA as the
 notebook. Then it draws SAMPLES pictures from each EMA with the notebook's DDPM sampler (100 steps, the same
 noise for both) and prints their Frechet distance to fresh real pictures (FID's formula, Heusel et al. 2017, on
 the features of the attribute judge of `python -m sd evaluate` instead of Inception's: pooled features of pictures
@@ -24,6 +24,8 @@ from pathlib import Path
 import nbformat
 import torch
 import torch.nn.functional as F
+
+from sd.diffusion import min_snr_weights
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "solutions" / "04_pixel_diffusion.ipynb"
 MIN_SNR_GAMMA = 5.0            # Hang et al. 2023, their default
@@ -50,15 +52,14 @@ def notebook_definitions() -> dict:
 
 
 def min_snr_loss(model, x0, betas, generator, gamma=MIN_SNR_GAMMA):
-    """The notebook's L_simple with each picture's squared error weighted by min(SNR, gamma) / SNR, drawing t and
-    the noise from the generator in the same order as the notebook's pixel_loss."""
+    """The notebook's L_simple with each picture's squared error weighted by sd.diffusion.min_snr_weights, drawing t
+    and the noise from the generator in the same order as the notebook's pixel_loss."""
     alpha_bar = torch.cumprod(1 - betas, dim=0)
     t = torch.randint(0, len(betas), (x0.shape[0],), generator=generator)          # (B,)
     noise = torch.randn(x0.shape, generator=generator)                              # (B, 3, H, W)
     a = alpha_bar[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    snr = a / (1 - a)                                                              # (B, 1, 1, 1)
-    weight = snr.clamp(max=gamma) / snr
+    weight = min_snr_weights(alpha_bar, gamma)[t].view(-1, 1, 1, 1)                 # (B, 1, 1, 1)
     return (weight * (model(x_t, t) - noise) ** 2).mean()
 
 
