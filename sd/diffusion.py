@@ -180,8 +180,13 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float = MIN_SNR_GAMMA) 
     epsilon error / SNR, that is this weight on the epsilon error: 1 at the noisy steps (SNR <= gamma), less on the
     nearly clean ones. (diffusers' train_text_to_image.py --snr_gamma computes the same for epsilon-prediction.)
     """
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    return snr.clamp(max=gamma) / snr
+    if not gamma > 0:
+        raise ValueError(f"gamma must be a positive number, got {gamma!r}")
+    if not ((alphas_cumprod >= 0) & (alphas_cumprod <= 1)).all():
+        raise ValueError("alphas_cumprod must lie in [0, 1] (a schedule's alpha_bar)")
+    snr = alphas_cumprod / (1 - alphas_cumprod)                 # inf at alpha_bar = 1, 0 at alpha_bar = 0
+    # at SNR = 0 (a zero-terminal-SNR schedule's last step) the weight's limit, min(SNR, gamma) / SNR -> 1
+    return torch.where(snr > 0, snr.clamp(max=gamma) / snr, torch.ones_like(snr))
 
 
 def diffusion_loss(unet, scheduler: DiffusionScheduler, z0: torch.Tensor, context: torch.Tensor,

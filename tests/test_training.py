@@ -146,6 +146,18 @@ def test_min_snr_weights_match_diffusers_training_script():
     assert ours[-1] == 1 and ours[0] < 0.01          # noisy steps keep weight 1, nearly clean ones far less
 
 
+def test_min_snr_weights_stay_finite_at_zero_terminal_snr_and_refuse_bad_input():
+    ab = DiffusionScheduler().alphas_cumprod.clone()
+    ab[-1] = 0.0                                          # a zero-terminal-SNR schedule ends at alpha_bar = 0
+    ab[0] = 1.0                                           # and a schedule that starts clean
+    w = min_snr_weights(ab)
+    assert torch.isfinite(w).all() and w[-1] == 1 and w[0] == 0
+    with pytest.raises(ValueError, match="gamma must be a positive number"):
+        min_snr_weights(ab, gamma=0)
+    with pytest.raises(ValueError, match=r"alphas_cumprod must lie in \[0, 1\]"):
+        min_snr_weights(torch.tensor([0.5, float("nan")]))
+
+
 def test_diffusion_loss_weighs_each_sample_by_its_timestep():
     scheduler = DiffusionScheduler()
     z0, context = torch.randn(6, 4, 8, 8), torch.zeros(6, 77, 8)
