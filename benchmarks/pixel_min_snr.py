@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from sd.diffusion import min_snr_weights
+from sd.training.data import ShapesDataset
+from sd.training.evaluation import load_classifier, with_coordinates
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "solutions" / "04_pixel_diffusion.ipynb"
 MIN_SNR_GAMMA = 5.0            # Hang et al. 2023, their default
@@ -84,7 +86,6 @@ def train(nb: dict, images, betas, loss_fn, steps: int, seed: int):
 @torch.no_grad()
 def judge_features(judge, pictures: torch.Tensor) -> torch.Tensor:
     """(N, 3, h, w) in [-1, 1] -> (N, D) the judge's pooled features (max and mean over positions)."""
-    from sd.training.evaluation import with_coordinates
     h = judge.features(with_coordinates(F.interpolate(pictures, size=JUDGE_SIZE)))
     return torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], dim=1).double()
 
@@ -130,9 +131,6 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from sd.training.data import ShapesDataset
-    from sd.training.evaluation import load_classifier
 
     nb = notebook_definitions()
     size = nb["IMAGE_SIZE"]

@@ -38,6 +38,10 @@ _LATENT_STD = 2.0                   # unscaled VAE latents are wider than N(0, 1
 _SHORT_T = 100                      # a second schedule of 100 steps, so that T = 1000 cannot be hard-coded
 
 
+_WEIGHT_HINT = ("the loss takes an optional last argument weight=None: a (T,) tensor of per-timestep weights "
+                "(min-SNR weighting); without it, the plain mean squared error")
+
+
 def _hint_line(hint: str | None) -> str:
     return f"\n  Hint: {hint}" if hint else ""
 
@@ -242,18 +246,14 @@ def check_unet_training_loss(fn) -> bool:
                 raise
             except _NotALoss as e:
                 raise AssertionError(f"{where}:\n  {e}") from None
-            except TypeError as e:
-                if "weight" not in str(e):
-                    raise AssertionError(f"{where}: your code raised TypeError: {e}" + _hint_line(hint)) from e
-                raise AssertionError(f"{where}: your code raised TypeError: {e}" + _hint_line(
-                    "the loss takes an optional last argument weight=None: a (T,) tensor of per-timestep weights "
-                    "(min-SNR weighting); without it, the plain mean squared error")) from e
             except IndexError as e:
                 raise AssertionError(f"{where}: your code raised IndexError: {e}" + _hint_line(
                     "t must index alphas_cumprod: draw it from [0, T) with T = len(alphas_cumprod), "
                     "torch.randint(0, T, (B,), generator=generator); don't assume T = 1000")) from e
             except Exception as e:
-                raise AssertionError(f"{where}: your code raised {type(e).__name__}: {e}" + _hint_line(hint)) from e
+                no_weight = isinstance(e, TypeError) and "weight" in str(e)     # a loss without the weight argument
+                raise AssertionError(f"{where}: your code raised {type(e).__name__}: {e}"
+                                     + _hint_line(_WEIGHT_HINT if no_weight else hint)) from e
             if not _same_number(got, again):
                 raise AssertionError(f"{where}:\n  two calls with generators seeded alike gave two losses "
                                      f"({float(got):.6g} and {float(again):.6g})" + _hint_line(
