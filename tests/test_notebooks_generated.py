@@ -23,7 +23,10 @@ def double(x):
     """Twice x."""
     # BEGIN SOLUTION 1.1 hint: add x to itself, or multiply by 2
     # HINT 1.1: the sum of x and x is twice x
-    # HINT 1.1: y = x + x
+    # HINT 1.1: add, keep the result, give it back
+    # HINT 1.1: a skeleton:
+    # |     y = ___
+    # |     return y
     y = x + x
     return y
     # END SOLUTION
@@ -33,7 +36,8 @@ class Counter:
     def __init__(self):
         # BEGIN SOLUTION 1.2 hint: start at "zero"
         # HINT 1.2: the count starts at nothing
-        # HINT 1.2: self.n = 0
+        # HINT 1.2: one attribute, n
+        # HINT 1.2: the attribute n is ___
         self.n = 0
         # END SOLUTION'''
 
@@ -227,14 +231,41 @@ def test_the_word_check_refuses_the_old_code_hint():
         make_notebooks.stub_source(cell, "solutions/01_demo.ipynb, cell 3")
 
 
-def test_every_exercise_has_two_hint_levels_beyond_the_stub():
-    numbers = sorted(solution_blocks(), key=lambda n: tuple(int(p) for p in n.split(".")))
+def all_exercise_numbers() -> list[str]:
+    return sorted(solution_blocks(), key=lambda n: tuple(int(p) for p in n.split(".")))
+
+
+def test_every_exercise_has_three_hints_none_with_the_solutions_code():
+    """The insight, the plan, a skeleton with blanks; no hint repeats a line of the solution (help_problems)."""
+    numbers = all_exercise_numbers()
     assert len(numbers) >= 31
+    found = []
     for number in numbers:
         levels = sd.course.hints.hint_levels(number)
-        assert len(levels) >= 2, f"exercise {number}: {levels}"
         assert all(level.strip() for level in levels)
         assert len(set(levels)) == len(levels), f"exercise {number} repeats a hint"
+        help_ = sd.course.hints._exercise(number, "test")[1]
+        found += make_notebooks.help_problems(number, help_)
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("hints, solution, problem", [
+    (["idea", "plan"], "y = x + x", "has 2 hints, expected at least 3"),
+    (["idea", "plan", "no blank here"], "y = x + x", "not a skeleton with blanks"),
+    (["idea", "plan", "fill in:\nscores = q @ k.transpose(-2, -1)\nreturn ___"],
+     "scores = q @ k.transpose(-2, -1)\nreturn scores", "hint 3 repeats the solution's code"),
+    (["use scores = q @ k.transpose(-2, -1) here", "plan", "___"],
+     "scores = q @ k.transpose(-2, -1)", "hint 1 repeats the solution's code"),
+])
+def test_help_problems_finds_each_broken_rule(hints, solution, problem):
+    found = make_notebooks.help_problems("1.1", {"stub": "words", "hints": hints, "solution": solution})
+    assert any(problem in f for f in found), found
+
+
+def test_help_problems_accepts_a_skeleton_with_blanks():
+    help_ = {"stub": "words", "hints": ["idea", "plan", "scores = ___\nreturn ___ @ v"],
+             "solution": "scores = q @ k.transpose(-2, -1)\nreturn scores.softmax(-1) @ v"}
+    assert make_notebooks.help_problems("1.1", help_) == []
 
 
 def test_hint_walks_the_levels_in_order_then_points_at_the_solution(capsys):
@@ -245,7 +276,8 @@ def test_hint_walks_the_levels_in_order_then_points_at_the_solution(capsys):
         out = capsys.readouterr().out
         assert out.startswith(f"Hint {i} of {len(levels)} for exercise 7.4")
         assert level.split("\n")[0] in out
-    assert "unet(torch.cat([x, x])" in levels[-1]   # the last level is code-level
+    assert "___" in levels[-1]   # the last level is a skeleton with blanks
+    assert "skeleton" in out
     sd.course.hint("7.4")
     assert 'no more hints' in capsys.readouterr().out
     sd.course.hints.reset_hints()
@@ -294,7 +326,7 @@ def test_hint_and_solution_refuse_a_bad_exercise_number_in_one_line(bad, error, 
 
 
 @pytest.mark.parametrize("source, message", [
-    ("# BEGIN SOLUTION 1.1 hint: h\n# HINT 1.1: only one\nx = 1\n# END SOLUTION", "expected at least 2"),
+    ("# BEGIN SOLUTION 1.1 hint: h\n# | a skeleton line first\nx = 1\n# END SOLUTION", "before any"),
     ("# HINT 1.1: a\n# BEGIN SOLUTION 1.1 hint: h\n# END SOLUTION", "outside the block"),
     ("# BEGIN SOLUTION 1.1 hint: h\n# HINT 1.2: a\n# HINT 1.1: b\n# END SOLUTION", "outside the block"),
     ("# BEGIN SOLUTION 1.1 hint: h\n# HINT: a\n# END SOLUTION", "malformed marker"),
@@ -311,7 +343,9 @@ def test_generator_writes_the_hints_and_solutions_file_of_each_notebook(tmp_path
     assert make_notebooks.main(["--root", str(tmp_path)]) == 0
     written = json.loads((tmp_path / "sd" / "course" / "exercises" / "01_demo.json").read_text())
     assert written["exercises"]["1.1"] == {"stub": "add x to itself, or multiply by 2",
-                                           "hints": ["the sum of x and x is twice x", "y = x + x"],
+                                           "hints": ["the sum of x and x is twice x",
+                                                     "add, keep the result, give it back",
+                                                     "a skeleton:\n    y = ___\n    return y"],
                                            "solution": "y = x + x\nreturn y"}
     assert written["exercises"]["1.2"]["solution"] == "self.n = 0"
 

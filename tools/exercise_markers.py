@@ -1,10 +1,14 @@
 """The marker lines of an exercise in a solved notebook, and what the generator makes of them.
 
     # BEGIN SOLUTION 7.4 hint: <the stub's sentence: what to compute, in words, no code>
-    # HINT 7.4: <a more specific idea>
-    # HINT 7.4: <code-level help>
+    # HINT 7.4: <the key insight, or where it comes from (section, equation)>
+    # HINT 7.4: <the plan: the steps and the shapes, in words or pseudo-code>
+    # HINT 7.4: <a skeleton with blanks (___) that does not run as it is; its lines follow as "# |" lines>
+    # |     x = ___             # (B, C, H, W)
     <the solution's code>
     # END SOLUTION
+
+No hint may contain the solution's code: `help_problems` lists every hint that repeats a line of it.
 
 `scan_blocks` turns a cell's source into the learner's (a NotImplementedError stub per block) and the blocks;
 `exercise_help` gathers, per exercise number, the stub's sentence, the hint levels and the solution code that
@@ -18,10 +22,17 @@ import textwrap
 
 BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION (?P<number>\d+\.\d+) hint: (?P<hint>\S.*?)\s*$")
 HINT = re.compile(r"^[ \t]*# HINT (?P<number>\d+\.\d+): (?P<hint>\S.*?)\s*$")
+# A further line of the hint above it (a skeleton's code): "# | <text>", kept with its indentation after "| ".
+HINT_MORE = re.compile(r"^[ \t]*# \|(?: (?P<text>.*))?$")
 END = re.compile(r"^[ \t]*# END SOLUTION\s*$")
 ANY_MARKER = re.compile(r"^[ \t]*#\s*((BEGIN|END)\s+SOLUTION|HINT\b)")
-# Every exercise offers at least this many levels of help beyond the stub's sentence (hint() walks them).
-MIN_HINT_LEVELS = 2
+# Every exercise offers at least this many levels of help beyond the stub's sentence (hint() walks them):
+# the key insight, the plan, a skeleton with blanks; then solution() prints the code.
+MIN_HINT_LEVELS = 3
+# A skeleton's blanks: the last hint must have at least one, so that it cannot run as it is.
+BLANK = "___"
+# A line of the solution this long (code without comments and spaces) counts as its code when a hint repeats it.
+LEAK_MIN_CHARS = 12
 # The stub's sentence says what to compute in words: none of these (code) may appear in it.
 CODE_IN_WORDS = [
     (re.compile(r"="), "an assignment or comparison ('=')"),
@@ -50,6 +61,7 @@ def scan_blocks(source: str, where: str = "cell") -> tuple[str, list[dict]]:
     out, blocks, block, part = [], [], None, ""
     for lineno, line in enumerate(source.split("\n"), start=1):
         begin, hint, end = BEGIN.match(line), HINT.match(line), END.match(line)
+        more = HINT_MORE.match(line) if block is not None else None
         definition = re.match(r"^[ \t]*def (\w+)\(", line)
         if definition and block is None:
             part = definition.group(1)
@@ -74,6 +86,11 @@ def scan_blocks(source: str, where: str = "cell") -> tuple[str, list[dict]]:
                 raise NotebookError(f"{where}, line {lineno}: '# HINT {hint['number']}:' outside the block of "
                                     f"exercise {hint['number']}; put it between its BEGIN and END lines")
             block["hints"].append(hint["hint"])
+        elif more:
+            if not block["hints"]:
+                raise NotebookError(f"{where}, line {lineno}: a '# |' line before any '# HINT {block['number']}:' "
+                                    "line; it continues the hint above it")
+            block["hints"][-1] += "\n" + (more["text"] or "")
         elif end:
             if block is None:
                 raise NotebookError(f"{where}, line {lineno}: END SOLUTION without a BEGIN SOLUTION before it")
@@ -106,10 +123,6 @@ def exercise_help(blocks: list[dict], where: str) -> dict[str, dict]:
     """
     exercises: dict[str, list[dict]] = {}
     for block in blocks:
-        if len(block["hints"]) < MIN_HINT_LEVELS:
-            raise NotebookError(f"{where}: exercise {block['number']} has {len(block['hints'])} '# HINT "
-                                f"{block['number']}:' lines, expected at least {MIN_HINT_LEVELS} (an idea, then "
-                                "code-level help)")
         exercises.setdefault(block["number"], []).append(block)
     found = {}
     for number, parts in exercises.items():
@@ -124,4 +137,42 @@ def exercise_help(blocks: list[dict], where: str) -> dict[str, dict]:
             "solution": "\n\n".join((f"# in {part['part']}:\n" if len(parts) > 1 and part["part"] else "")
                                      + part["code"] for part in parts),
         }
+    return found
+
+
+def _code_lines(code: str) -> set[str]:
+    """The solution's lines as code to compare: comments dropped, spaces removed, long enough to mean something."""
+    lines = set()
+    for line in code.split("\n"):
+        line = re.sub(r"\s+", "", line.split("#", 1)[0])
+        if len(line) >= LEAK_MIN_CHARS:
+            lines.add(line)
+    return lines
+
+
+def help_problems(number: str, help_: dict) -> list[str]:
+    """What breaks the rules of staged help in one exercise (empty when nothing does).
+
+    At least MIN_HINT_LEVELS hints; the last is a skeleton with a blank (it cannot run as it is); no hint repeats a
+    line of the solution's code (comments and spaces aside); the stub's sentence is words, not code.
+    """
+    found = []
+    hints = help_["hints"]
+    if len(hints) < MIN_HINT_LEVELS:
+        found.append(f"exercise {number} has {len(hints)} hints, expected at least {MIN_HINT_LEVELS} "
+                     "(the insight, the plan, a skeleton with blanks)")
+    elif BLANK not in hints[-1]:
+        found.append(f"exercise {number}: the last hint is not a skeleton with blanks ({BLANK!r})")
+    solution_lines = _code_lines(help_["solution"])
+    for level, text in enumerate(hints, start=1):
+        for line in text.split("\n"):
+            compact = re.sub(r"\s+", "", line.split("#", 1)[0])
+            # a line of the solution, or a whole statement of it inside a hint's sentence
+            leaked = [code for code in solution_lines if code == compact or (len(code) >= 2 * LEAK_MIN_CHARS
+                                                                             and code in compact)]
+            if leaked:
+                found.append(f"exercise {number}, hint {level} repeats the solution's code: {leaked[0]!r}")
+    problem = code_in_words(help_["stub"].replace("\n", " "))
+    if problem:
+        found.append(f"exercise {number}: the stub's sentence contains {problem}")
     return found

@@ -2,6 +2,7 @@
 
     python tools/make_notebooks.py                      # refresh headers in solutions/, regenerate notebooks/
     python tools/make_notebooks.py --execute 01_attention   # run solutions/01_attention.ipynb in place first
+    python tools/make_notebooks.py --execute 01_attention --only 01   # ... and regenerate only notebook 01
     python tools/make_notebooks.py --check              # exit 1 when notebooks/ or the headers are out of date
     python tools/make_notebooks.py --readme             # print the README's table of notebooks with Colab badges
 
@@ -10,8 +11,11 @@ indentation of the BEGIN line. The BEGIN line says in words what to compute (no 
 are the further levels of help, from an idea to code:
 
         # BEGIN SOLUTION 1.1 hint: compare every query with every key, scale, normalise, average the values
-        # HINT 1.1: the scores are the dot products of the queries and keys divided by the square root of d
-        # HINT 1.1: scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]); scores.softmax(dim=-1) @ v
+        # HINT 1.1: the insight: a query's weights are a softmax of its dot products with the keys, scaled by 1/√d
+        # HINT 1.1: the plan: scores (B, H, Tq, Tk) from q and k; softmax over the keys; weights times v
+        # HINT 1.1: a skeleton (fill the blanks):
+        # |     scores = ___          # (B, H, Tq, Tk)
+        # |     return ___ @ v
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
         ...
         # END SOLUTION
@@ -40,8 +44,8 @@ import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # the sibling module, however this file is loaded
 # code_in_words is re-exported for the tests
-from exercise_markers import (NotebookError, code_in_words, exercise_help, scan_blocks,  # noqa: E402,F401
-                              stub_source)
+from exercise_markers import (NotebookError, code_in_words, exercise_help, help_problems,  # noqa: E402,F401
+                              scan_blocks, stub_source)
 
 # The one place the repository is named: badges and Colab set-up cells are generated from it.
 REPOSITORY = "https://github.com/sd-from-scratch/sd-from-scratch"
@@ -83,16 +87,22 @@ elif importlib.util.find_spec("sd") is None and Path("../sd/__init__.py").exists
     sys.path.insert(0, str(Path("..").resolve()))   # a clone without `pip install -e .`: use its sd/
 
 import torch
-from sd.runtime import detect_runtime
+from sd.course import hint, predict, solution
+from sd.runtime import detect_runtime, env_flag, env_int, env_path
 
-# float16 on a T4, bfloat16 on an A100/L4/H100, float32 on a CPU; memory savers chosen by the GPU's memory
+# float16 on a T4, bfloat16 on an A100/L4/H100, float16 on Apple Silicon (MPS), float32 on a CPU;
+# memory savers chosen by the GPU's memory
 RUNTIME = detect_runtime()
 DEVICE, DTYPE = RUNTIME.device, RUNTIME.dtype
-# True on a GPU: full-size SD v1.5 at 512 x 512. False on a CPU: small sizes, few steps, the same code path.
+# True on a CUDA GPU: full-size SD v1.5 at 512 x 512. False on a CPU: small sizes, few steps, the same code path.
+# On a Mac (MPS), full size only with SD v1.5's file named in $SD_CHECKPOINT (nothing is downloaded there).
 # CI also runs the GPU's path on its CPU ($SD_FULL_SIZE=1), with a tiny image side and step count.
-FULL_SIZE = DEVICE.type == "cuda" or os.environ.get("SD_FULL_SIZE") == "1"
-FULL_SIDE = int(os.environ.get("SD_FULL_SIDE", 512))     # the GPU path's image side in pixels (SD v1.5: 512)
-FULL_STEPS = int(os.environ.get("SD_FULL_STEPS", 50))    # the GPU path's sampling steps (SD's default: 50)
+FULL_SIZE = (DEVICE.type == "cuda" or (DEVICE.type == "mps" and env_path("SD_CHECKPOINT") is not None)
+             or env_flag("SD_FULL_SIZE"))
+FULL_SIDE = env_int("SD_FULL_SIDE", 512, minimum=8, maximum=2048,
+                    what="an image side in pixels")    # the GPU path's image side (SD v1.5: 512)
+FULL_STEPS = env_int("SD_FULL_STEPS", 50, minimum=1, maximum=1000,
+                     what="a number of sampling steps")   # the GPU path's sampling steps (SD's default: 50)
 
 print(f"{{RUNTIME}}; FULL_SIZE = {{FULL_SIZE}}"
       + ("; for a GPU: Runtime > Change runtime type" if DEVICE.type == "cpu" and "google.colab" in sys.modules
@@ -233,10 +243,12 @@ def read(path: Path) -> nbformat.NotebookNode:
     return nbformat.read(path, as_version=4)
 
 
-def planned_files(root: Path = ROOT) -> dict[Path, str]:
-    """Every file the generator owns, with the text it should have."""
+def planned_files(root: Path = ROOT, only: list[str] | None = None) -> dict[Path, str]:
+    """Every file the generator owns (or those of the notebooks in `only`, e.g. ["07"]), with the text it should have."""
     files = {}
     for path in sorted((root / SOLUTIONS).glob("*.ipynb")):
+        if only and not any(path.stem.startswith(prefix) for prefix in only):
+            continue
         solution = solution_notebook(read(path), path.name)
         files[path] = render(solution)
         files[root / NOTEBOOKS / path.name] = render(learner_notebook(solution, path.name))
@@ -257,6 +269,10 @@ def problems(root: Path = ROOT) -> list[str]:
     for path in sorted((root / NOTEBOOKS).glob("*.ipynb")) + sorted((root / EXERCISES).glob("*.json")):
         if path not in planned:
             found.append(f"{path.relative_to(root)} has no solutions/{path.stem}.ipynb (remove it)")
+    for path, text in planned.items():
+        if path.suffix == ".json":
+            for number, help_ in json.loads(text)["exercises"].items():
+                found += [f"{path.relative_to(root)}: {p}" for p in help_problems(number, help_)]
     for path in sorted((root / SOLUTIONS).glob("*.ipynb")):
         size = path.stat().st_size
         if size > MAX_SOLUTION_BYTES:
@@ -298,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--execute", nargs="*", metavar="NN_topic",
                         help="execute these solutions notebooks in place first (all when none is named)")
     parser.add_argument("--readme", action="store_true", help="print the README table of notebooks")
+    parser.add_argument("--only", nargs="+", metavar="NN",
+                        help="regenerate only these notebooks (e.g. --only 07 08); the others are left as they are")
     parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     root = args.root
@@ -323,10 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                 execute(path)
         (root / NOTEBOOKS).mkdir(exist_ok=True)
         (root / EXERCISES).mkdir(parents=True, exist_ok=True)
-        for path, text in planned_files(root).items():
+        for path, text in planned_files(root, args.only).items():
             if not path.exists() or path.read_text(encoding="utf-8") != text:
                 path.write_text(text, encoding="utf-8")
                 print(f"wrote {path.relative_to(root)}")
+            if path.suffix == ".json":
+                for number, help_ in json.loads(text)["exercises"].items():
+                    for problem in help_problems(number, help_):
+                        print(f"⚠ {path.relative_to(root)}: {problem}")
     except NotebookError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,15 @@
 """Help with an exercise, one level at a time: `hint("7.4")` gives the next hint, `solution("7.4")` the answer.
 
 A stub says in words what to compute; the check names a mistake when it sees one; `hint` goes further each time
-it is called (an idea, then code-level help); `solution` prints the solution's code, only when asked.
-The levels are written once, as marker lines in the solved notebook (solutions/NN_topic.ipynb):
+it is called: the key insight, then the plan, then a skeleton with blanks; `solution` prints the solution's code,
+only when asked. No hint contains the solution's code. The levels are written once, as marker lines in the solved
+notebook (solutions/NN_topic.ipynb):
 
     # BEGIN SOLUTION 7.4 hint: <the stub's sentence: what to compute, in words>
-    # HINT 7.4: <a more specific idea>
-    # HINT 7.4: <code-level help>
+    # HINT 7.4: <the key insight, or where it comes from>
+    # HINT 7.4: <the plan: steps and shapes, in words or pseudo-code>
+    # HINT 7.4: <a skeleton with blanks ___, its code on the "# |" lines below>
+    # |     <a line of the skeleton>
     <the solution's code>
     # END SOLUTION
 
@@ -27,12 +30,14 @@ EXERCISES_FOLDER = "exercises"
 # Their names: NN_topic.json, or NNb_topic.json for a notebook between NN and NN+1.
 NOTEBOOK_FILE = re.compile(r"^\d\d_[a-z0-9_]+\.json$")
 
+# What each level of help is, in the order hint() shows them (an exercise with more hints repeats "more").
+LEVEL_NAMES = ["the key insight", "the plan", "a skeleton to fill in"]
 # How many hints of each exercise have been shown in this session (the next call shows the next one).
 _shown: dict[str, int] = {}
 
 
 def hint(exercise: str) -> None:
-    """Print the next hint of `exercise` ("7.4"): a more specific idea first, then code-level help."""
+    """Print the next hint of `exercise` ("7.4"): the key insight, then the plan, then a skeleton with blanks."""
     number, help_ = _exercise(exercise, "hint")
     levels = help_["hints"]
     level = _shown.get(number, 0)
@@ -43,7 +48,8 @@ def hint(exercise: str) -> None:
     _shown[number] = level + 1
     more = (f'hint("{number}") again for the next' if level + 1 < len(levels)
             else f'the last hint; solution("{number}") prints the answer')
-    print(f"Hint {level + 1} of {len(levels)} for exercise {number} ({more}):\n{_indent(levels[level])}")
+    name = _level_name(level, len(levels))
+    print(f"Hint {level + 1} of {len(levels)} for exercise {number}, {name} ({more}):\n{_indent(levels[level])}")
 
 
 def solution(exercise: str) -> None:
@@ -88,6 +94,13 @@ def _notebook_exercises(notebook: int) -> dict[str, dict]:
         if NOTEBOOK_FILE.match(entry.name) and int(entry.name[:2]) == notebook:
             exercises.update(json.loads(entry.read_text(encoding="utf-8"))["exercises"])
     return exercises
+
+
+def _level_name(level: int, count: int) -> str:
+    """What hint number `level` (from 0) of `count` is: the insight first, the skeleton last."""
+    if level == count - 1:
+        return LEVEL_NAMES[-1]
+    return LEVEL_NAMES[level] if level < len(LEVEL_NAMES) - 1 else "a further step"
 
 
 def _indent(text: str) -> str:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import linecache
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -69,7 +70,7 @@ class Case:
 
     def describe(self) -> str:
         parts = [f"{name} {_shape(value)}" for name, value in self.inputs.items()]
-        parts += [f"{name}={value!r}" for name, value in self.kwargs.items()]
+        parts += [f"{name} {value!r}" for name, value in self.kwargs.items()]
         return ", ".join(parts)
 
 
@@ -107,17 +108,21 @@ def qualified_name(obj: Any) -> str:
 
 def check_function(check_name: str, fn: Callable, reference: Callable, cases: Sequence[Case],
                    mistakes: Sequence[Mistake] = (), hint: str = "", reference_name: str | None = None,
-                   atol: float = ATOL, rtol: float = RTOL) -> bool:
-    """Compare fn(*case) with reference(*case) on every case; print one pass line or raise AssertionError."""
+                   atol: float = ATOL, rtol: float = RTOL, exercise: str | None = None) -> bool:
+    """Compare fn(*case) with reference(*case) on every case; print one pass line or raise AssertionError.
+
+    `hint` (words, never code) is said when the output differs in a way no `Mistake` explains; `exercise` ("0.1")
+    is the exercise whose staged help the message points to.
+    """
     require_callable(check_name, fn, "a function")
     runs = ((case, (lambda c: c.call(fn)), reference) for case in cases)
     return _run(check_name, reference_name or qualified_name(reference), runs, len(cases), mistakes, hint,
-                atol, rtol)
+                atol, rtol, exercise)
 
 
 def check_module(check_name: str, cls: type, reference_cls: type, cases: Sequence[Case],
                  mistakes: Sequence[Mistake] = (), hint: str = "", reference_name: str | None = None,
-                 atol: float = ATOL, rtol: float = RTOL) -> bool:
+                 atol: float = ATOL, rtol: float = RTOL, exercise: str | None = None) -> bool:
     """Build cls(**case.init) and reference_cls(**case.init), copy the weights, compare forward on every case."""
     require_callable(check_name, cls, "a class (the nn.Module itself, not an instance)")
 
@@ -134,7 +139,7 @@ def check_module(check_name: str, cls: type, reference_cls: type, cases: Sequenc
             yield case, (lambda c, m=learner: c.call(m)), reference
 
     return _run(check_name, reference_name or qualified_name(reference_cls), runs(), len(cases), mistakes, hint,
-                atol, rtol)
+                atol, rtol, exercise)
 
 
 def build_learner_module(cls: type, init: dict[str, Any]) -> nn.Module:
@@ -205,7 +210,8 @@ def try_check(check: Callable[[Any], bool], impl: Any) -> bool:
     except AssertionError as e:
         print(f"❌ {e}")
     except Exception as e:  # a crash inside the learner's code: report it, keep the notebook going
-        print(f"❌ {getattr(check, '__name__', 'the check')}: your code raised {type(e).__name__}: {e}")
+        print(f"❌ {getattr(check, '__name__', 'the check')}: your code raised {type(e).__name__}: {e}"
+              f"{_crash_line(e)}")
     return False
 
 
@@ -227,7 +233,7 @@ def pick(check: Callable[[Any], bool], impl: Any, *, reference: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 def _run(check_name: str, ref_name: str, runs, n_cases: int, mistakes: Sequence[Mistake], hint: str,
-         atol: float, rtol: float) -> bool:
+         atol: float, rtol: float, exercise: str | None = None) -> bool:
     max_diff = 0.0
     # the learner's random state stays as it was: building modules here draws from a forked generator
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -239,12 +245,13 @@ def _run(check_name: str, ref_name: str, runs, n_cases: int, mistakes: Sequence[
             except NotImplementedError:
                 raise
             except Exception as e:
-                raise AssertionError(f"{where}: your code raised {type(e).__name__}: {e}"
-                                     + _hint_line(_diagnose_crash(hint))) from e
+                raise AssertionError(f"{where}: your code raised {type(e).__name__}: {e}{_crash_line(e)}"
+                                     + _hint_line(_diagnose_crash(hint)) + _more_help(exercise)) from e
             problem, diff = _compare(got, expected, ref_name, atol, rtol)
             if problem is not None:
-                raise AssertionError(f"{where}:\n  {problem}"
-                                     + _hint_line(_diagnose(got, reference, case, mistakes, atol, rtol) or hint))
+                named = _diagnose(got, reference, case, mistakes, atol, rtol)
+                raise AssertionError(f"{where}:\n  {problem}" + (_hint_line(named) if named else
+                                     _hint_line(hint) + _unknown_mistake(exercise)))
             max_diff = max(max_diff, diff)
     print(f"✅ {check_name} passed: matches {ref_name} on {n_cases} random inputs (max diff {max_diff:.1g})")
     return True
@@ -313,6 +320,32 @@ def _same(a: Any, b: Any, atol: float, rtol: float) -> bool:
 
 def _hint_line(hint: str | None) -> str:
     return f"\n  Hint: {hint}" if hint else ""
+
+
+def _more_help(exercise: str | None) -> str:
+    return f'\n  More help, one step at a time: hint("{exercise}")' if exercise else ""
+
+
+def _unknown_mistake(exercise: str | None) -> str:
+    """The message's end when no known mistake explains the difference: where to look next, never the answer."""
+    where = f'hint("{exercise}")' if exercise else "the exercise's hints"
+    return (f"\n  This is not one of the mistakes this check knows. Compare your steps with the exercise's "
+            f"text, or ask {where} for help one step at a time.")
+
+
+def _crash_line(error: BaseException) -> str:
+    """' (your line 12: `q = ...`)' for the deepest frame of the learner's own code (a notebook cell), if any."""
+    frame = None
+    tb = error.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if "ipykernel" in filename or filename.startswith("<ipython-input") or filename.startswith("<cell"):
+            frame = tb
+        tb = tb.tb_next
+    if frame is None:
+        return ""
+    text = linecache.getline(frame.tb_frame.f_code.co_filename, frame.tb_lineno).strip()
+    return f" (in your cell, line {frame.tb_lineno}: {text})" if text else f" (in your cell, line {frame.tb_lineno})"
 
 
 def require_callable(check_name: str, obj: Any, what: str = "a function") -> None:
