@@ -51,7 +51,6 @@ from exercise_markers import (NotebookError, code_in_words, exercise_help, help_
 REPOSITORY = "https://github.com/sd-from-scratch/sd-from-scratch"
 BRANCH = "main"
 PACKAGE = "sd-from-scratch"   # the distribution name in pyproject.toml
-OPEN_CLIP_VERSION = "3.3.0"   # as in .ci/run and the README's set-up
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = "solutions"
@@ -80,8 +79,6 @@ from pathlib import Path
 if "google.colab" in sys.modules:
     pip = [sys.executable, "-m", "pip", "install", "--quiet"]
     subprocess.run(pip + ["{package}[course] @ git+{repository}@{branch}"], check=True)
-    # the real CLIP tokenizer's merges file ships in open_clip; --no-deps keeps Colab's own torch
-    subprocess.run(pip + ["--no-deps", "open-clip-torch=={open_clip_version}"], check=True)
     importlib.invalidate_caches()
 elif importlib.util.find_spec("sd") is None and Path("../sd/__init__.py").exists():
     sys.path.insert(0, str(Path("..").resolve()))   # a clone without `pip install -e .`: use its sd/
@@ -141,8 +138,7 @@ def header_cells(folder: str, name: str) -> tuple[nbformat.NotebookNode, nbforma
                  f"[{NOTEBOOKS}/{name}](../{NOTEBOOKS}/{name}).*")
     badge_cell = nbformat.v4.new_markdown_cell(text, id="course-badge")
     badge_cell.metadata[HEADER_KEY] = "badge"
-    setup = SETUP_SOURCE.format(package=PACKAGE, repository=REPOSITORY, branch=BRANCH,
-                                 open_clip_version=OPEN_CLIP_VERSION)
+    setup = SETUP_SOURCE.format(package=PACKAGE, repository=REPOSITORY, branch=BRANCH)
     setup_cell = nbformat.v4.new_code_cell(setup, id="course-setup")
     setup_cell.metadata[HEADER_KEY] = "setup"
     return badge_cell, setup_cell
