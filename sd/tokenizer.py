@@ -10,15 +10,15 @@ The vocabulary is built the same way for CLIP's own merges and for merges learne
 the 256 byte symbols, the same with '</w>', one token per merge, then the two special tokens
 (for CLIP: 256 + 256 + 48,894 + 2 = 49,408).
 
-The vocabulary is never stored in this repository. It is read from a `tokenizer/` folder
-(vocab.json + merges.txt, the diffusers/transformers layout), from CLIP's merges file
-`bpe_simple_vocab_16e6.txt.gz`, or found in the installed open-clip-torch package.
+CLIP's merges file `bpe_simple_vocab_16e6.txt.gz` (openai/CLIP, MIT license) ships in `sd/assets/`: that is
+the vocabulary when no path is given. A model's own `tokenizer/` folder is read when given, in either layout
+transformers writes: vocab.json + merges.txt (the slow tokenizer's files, older diffusers folders), or
+tokenizer.json alone (the fast tokenizer's one file, what today's `save_pretrained` writes).
 """
 from __future__ import annotations
 
 import gzip
 import html
-import importlib.util
 import json
 import warnings
 from collections import Counter
@@ -39,12 +39,14 @@ SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)
 # (simple_tokenizer.py: `merges[1:49152-256-2+1]`).
 CLIP_NUM_MERGES = CLIP_VOCAB_SIZE - 2 * NUM_BYTES - len(SPECIAL_TOKENS)
 
-# CLIP's merges file, shipped inside the open-clip-torch package (and openai/CLIP).
+# CLIP's merges file (openai/CLIP's clip/bpe_simple_vocab_16e6.txt.gz, MIT), shipped in this package; its license
+# and checksum are in assets/bpe_simple_vocab_16e6.LICENSE.txt.
 CLIP_MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
-OPEN_CLIP_PACKAGE = "open_clip"
-# The diffusers/transformers tokenizer folder layout.
+CLIP_MERGES_PATH = Path(__file__).resolve().parent / "assets" / CLIP_MERGES_FILE
+# The diffusers/transformers tokenizer folder layouts: the slow tokenizer's two files, or the fast one's one file.
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
+FAST_TOKENIZER_FILE = "tokenizer.json"
 MERGES_HEADER = "#version: 0.2"   # first line of a merges file (CLIP's gz has it after a file name)
 
 # CLIP's word splitter (simple_tokenizer.py): the special tokens, English contractions, runs of
@@ -56,9 +58,8 @@ CLIP_WORD_PATTERN = regex.compile(
 WHITESPACE = regex.compile(r"\s+")
 
 HOW_TO_GET_VOCABULARY = (
-    "install the package that ships CLIP's merges file with `pip install --no-deps open-clip-torch` "
-    "(--no-deps: its dependencies would replace torch), or pass CLIPTokenizer(path) with a checkpoint's "
-    f"tokenizer/ folder ({VOCAB_FILE} + {MERGES_FILE}) or the path of {CLIP_MERGES_FILE}"
+    f"pass CLIPTokenizer(path) a checkpoint's tokenizer/ folder ({VOCAB_FILE} + {MERGES_FILE}, or "
+    f"{FAST_TOKENIZER_FILE}) or the path of CLIP's merges file {CLIP_MERGES_FILE}"
 )
 
 
@@ -110,46 +111,73 @@ def read_merges(path: str | Path, max_merges: int | None = None) -> list[Pair]:
     return merges
 
 
-def find_clip_merges_file() -> Path | None:
-    """The CLIP merges file inside the installed open-clip-torch package (found without importing it)."""
-    spec = importlib.util.find_spec(OPEN_CLIP_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / CLIP_MERGES_FILE
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _load_folder(folder: Path) -> tuple[dict[str, int], list[Pair]]:
-    """Read a tokenizer/ folder (vocab.json + merges.txt); a model folder that holds tokenizer/ works too."""
-    if not (folder / VOCAB_FILE).is_file() and (folder / "tokenizer" / VOCAB_FILE).is_file():
+    """Read a tokenizer/ folder (vocab.json + merges.txt, or tokenizer.json); a model folder holding tokenizer/ too."""
+    if not _holds_tokenizer(folder) and _holds_tokenizer(folder / "tokenizer"):
         folder = folder / "tokenizer"
+    if (folder / VOCAB_FILE).is_file() and (folder / MERGES_FILE).is_file():
+        return _read_vocab_json(folder / VOCAB_FILE), read_merges(folder / MERGES_FILE)
+    if (folder / FAST_TOKENIZER_FILE).is_file():
+        return read_fast_tokenizer_file(folder / FAST_TOKENIZER_FILE)
     missing = [name for name in (VOCAB_FILE, MERGES_FILE) if not (folder / name).is_file()]
-    if missing:
-        raise ValueError(f"tokenizer folder {folder} should hold {VOCAB_FILE} and {MERGES_FILE}; missing: {missing}")
+    raise ValueError(f"tokenizer folder {folder} should hold {VOCAB_FILE} and {MERGES_FILE}, or "
+                     f"{FAST_TOKENIZER_FILE}; missing: {missing}")
+
+
+def _holds_tokenizer(folder: Path) -> bool:
+    return (folder / VOCAB_FILE).is_file() or (folder / FAST_TOKENIZER_FILE).is_file()
+
+
+def _read_json(path: Path):
     try:
-        vocab = json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{folder / VOCAB_FILE} is not a JSON vocabulary: {e}") from None
+        raise ValueError(f"{path} is not a JSON file: {e}") from None
+
+
+def _read_vocab_json(path: Path) -> dict[str, int]:
+    vocab = _read_json(path)
     if not isinstance(vocab, dict):
-        raise ValueError(f"{folder / VOCAB_FILE} should map token -> id, got a {type(vocab).__name__}")
-    return vocab, read_merges(folder / MERGES_FILE)
+        raise ValueError(f"{path} should map token -> id, got a {type(vocab).__name__}")
+    return vocab
+
+
+def read_fast_tokenizer_file(path: Path) -> tuple[dict[str, int], list[Pair]]:
+    """Vocabulary and merges of a fast tokenizer's tokenizer.json (the `tokenizers` library's format).
+
+    Its "model" holds both: {"type": "BPE", "vocab": {token: id}, "merges": [...], "end_of_word_suffix": "</w>"};
+    the merges are "left right" strings (tokenizers < 0.20) or ["left", "right"] pairs (newer).
+    """
+    model = _read_json(path)
+    model = model.get("model") if isinstance(model, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
+        raise ValueError(f"{path} is not a CLIP tokenizer: expected a BPE model whose words end with "
+                         f"{END_OF_WORD!r} (CLIP's byte-level BPE)")
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise ValueError(f"{path}: its model should hold a vocab (token -> id) and a list of merges")
+    pairs = []
+    for number, merge in enumerate(merges, start=1):
+        pair = merge.split() if isinstance(merge, str) else merge
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ValueError(f"{path}: merge {number} should be a pair 'left right', got {merge!r:.80}")
+        pairs.append((pair[0], pair[1]))
+    return vocab, pairs
 
 
 def load_vocabulary(path: str | Path | None = None) -> tuple[dict[str, int], list[Pair]]:
-    """Vocabulary and merges from a tokenizer/ folder, a merges file, or (no path) the installed open-clip-torch."""
+    """Vocabulary and merges from a tokenizer/ folder, a merges file, or (no path) CLIP's file shipped in sd/assets."""
     if path is None:
-        path = find_clip_merges_file()
-        if path is None:
-            raise FileNotFoundError(f"CLIP's BPE vocabulary was not found: {HOW_TO_GET_VOCABULARY}")
+        path = CLIP_MERGES_PATH
+        if not path.is_file():
+            raise FileNotFoundError(f"CLIP's merges file {path} is missing from this installation of the sd package "
+                                    "(reinstall it: pip install -e .); or " + HOW_TO_GET_VOCABULARY)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer vocabulary at {path}: {HOW_TO_GET_VOCABULARY}")
     if path.is_dir():
         return _load_folder(path)
-    if path.name == VOCAB_FILE:
+    if path.name in (VOCAB_FILE, FAST_TOKENIZER_FILE):
         return _load_folder(path.parent)
     merges = read_merges(path, max_merges=CLIP_NUM_MERGES)
     if not merges:

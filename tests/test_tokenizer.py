@@ -2,10 +2,11 @@
 
 transformers cannot download here, so a fixture writes a tokenizer/ folder (vocab.json + merges.txt)
 from CLIP's merges file with its own code (the standard construction of openai/CLIP), and
-transformers reads that folder. The project's tokenizer reads the .gz file directly.
+transformers reads that folder. The project's tokenizer reads the .gz file directly (the copy shipped in
+sd/assets, checked against the size and sha256 of openai/CLIP's file).
 """
 import gzip
-import importlib.util
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -39,12 +40,15 @@ PROMPTS = [
 ]
 
 
+# openai/CLIP's clip/bpe_simple_vocab_16e6.txt.gz (the same bytes ship in open-clip-torch 3.3.0): SD_FACTS.md
+CLIP_MERGES_BYTES = 1_356_917
+CLIP_MERGES_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+
+
 def _clip_merges_gz() -> Path:
-    """CLIP's merges file shipped in open-clip-torch (installed with --no-deps; the package is not imported)."""
-    spec = importlib.util.find_spec("open_clip")
-    assert spec is not None, "tests need CLIP's vocabulary: pip install --no-deps open-clip-torch"
-    path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    assert path.is_file(), f"{path} missing from the open-clip-torch package"
+    """CLIP's merges file, as the package ships it in sd/assets."""
+    path = Path(sd_tokenizer.__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+    assert path.is_file(), f"{path} missing: the package should ship CLIP's merges file"
     return path
 
 
@@ -149,20 +153,84 @@ def test_tokenizer_folder_gives_same_ids_as_merges_file(tokenizer, clip_folder):
     assert CLIPTokenizer(clip_folder / "vocab.json").encode(PROMPTS[1]) == tokenizer.encode(PROMPTS[1])
 
 
-def test_no_path_finds_clip_vocabulary_in_open_clip_package(tokenizer):
-    assert CLIPTokenizer().encode(PROMPTS[0]) == tokenizer.encode(PROMPTS[0])
+def test_shipped_merges_file_is_openai_clips_file_byte_for_byte(clip_gz):
+    data = clip_gz.read_bytes()
+    assert len(data) == CLIP_MERGES_BYTES
+    assert hashlib.sha256(data).hexdigest() == CLIP_MERGES_SHA256
+    license_text = (clip_gz.parent / "bpe_simple_vocab_16e6.LICENSE.txt").read_text()
+    assert "MIT License" in license_text and "Copyright (c) 2021 OpenAI" in license_text
 
 
-def test_missing_vocabulary_says_how_to_get_it(monkeypatch):
-    monkeypatch.setattr(sd_tokenizer, "OPEN_CLIP_PACKAGE", "no_such_package_for_clip_merges")
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps open-clip-torch"):
+def test_package_data_ships_the_merges_file_and_its_license():
+    import tomllib
+    from fnmatch import fnmatch
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sd"]
+    for name in ("assets/bpe_simple_vocab_16e6.txt.gz", "assets/bpe_simple_vocab_16e6.LICENSE.txt"):
+        assert any(fnmatch(name, p) for p in patterns), f"{name} is not in the package data {patterns}"
+
+
+def test_no_path_reads_clips_merges_file_shipped_in_the_package(tokenizer, hf_tokenizer):
+    default = CLIPTokenizer()
+    assert default.vocab == tokenizer.vocab
+    assert default.encode(PROMPTS[0]) == hf_tokenizer(PROMPTS[0]).input_ids
+
+
+def test_missing_shipped_file_says_what_is_missing_and_what_to_pass(monkeypatch, tmp_path):
+    monkeypatch.setattr(sd_tokenizer, "CLIP_MERGES_PATH", tmp_path / "bpe_simple_vocab_16e6.txt.gz")
+    with pytest.raises(FileNotFoundError, match=r"merges file .* is missing from this installation.*pip install -e \."):
         CLIPTokenizer()
 
 
+@pytest.fixture(scope="module")
+def fast_tokenizer_folder(hf_tokenizer, tmp_path_factory) -> Path:
+    """tokenizer/ as today's transformers saves it: the fast tokenizer's tokenizer.json, no vocab.json/merges.txt."""
+    folder = tmp_path_factory.mktemp("saved") / "tokenizer"
+    hf_tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def test_today_saved_folder_holds_only_tokenizer_json(fast_tokenizer_folder):
+    names = {p.name for p in fast_tokenizer_folder.iterdir()}
+    assert "tokenizer.json" in names and not names & {"vocab.json", "merges.txt"}
+
+
+def test_tokenizer_json_folder_gives_transformers_ids_on_every_prompt(fast_tokenizer_folder, hf_tokenizer, tokenizer):
+    from_json = CLIPTokenizer(fast_tokenizer_folder)
+    assert from_json.vocab == tokenizer.vocab and from_json.merges == tokenizer.merges
+    for prompt in PROMPTS:
+        assert from_json.encode(prompt) == hf_tokenizer(prompt).input_ids
+    expected = hf_tokenizer(PROMPTS, padding="max_length", max_length=CONTEXT, truncation=True,
+                            return_tensors="pt").input_ids
+    with pytest.warns(UserWarning, match="longer than 77 tokens"):
+        assert torch.equal(from_json(PROMPTS), expected)
+    # the model folder above it, and the file itself, lead to the same tokenizer
+    assert CLIPTokenizer(fast_tokenizer_folder.parent).encode(PROMPTS[1]) == hf_tokenizer(PROMPTS[1]).input_ids
+    assert CLIPTokenizer(fast_tokenizer_folder / "tokenizer.json").encode(PROMPTS[3]) == hf_tokenizer(PROMPTS[3]).input_ids
+
+
+def test_tokenizer_json_with_merges_as_strings_reads_the_same(fast_tokenizer_folder, tmp_path, tokenizer):
+    data = json.loads((fast_tokenizer_folder / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]    # tokenizers < 0.20 wrote strings
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    assert CLIPTokenizer(tmp_path).merges == tokenizer.merges
+
+
+def test_tokenizer_json_of_another_kind_is_refused_in_one_line(fast_tokenizer_folder, tmp_path):
+    data = json.loads((fast_tokenizer_folder / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["end_of_word_suffix"] = None          # GPT-2's byte-level BPE has no end-of-word marker
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ValueError, match="is not a CLIP tokenizer: expected a BPE model whose words end with '</w>'"):
+        CLIPTokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="is not a JSON file"):
+        CLIPTokenizer(tmp_path)
+
+
 def test_bad_paths_give_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer vocabulary at .*pip install --no-deps open-clip-torch"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer vocabulary at .*pass CLIPTokenizer\\(path\\)"):
         CLIPTokenizer(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match=r"should hold vocab.json and merges.txt; missing: \['vocab.json'"):
+    with pytest.raises(ValueError, match=r"should hold vocab.json and merges.txt, or tokenizer.json; missing: \['vocab.json'"):
         CLIPTokenizer(tmp_path)
     not_merges = tmp_path / "notes.txt"
     not_merges.write_text("#version: 0.2\nthis line has four words\n")
