@@ -27,13 +27,13 @@ import torch.nn.functional as F
 
 from sd.diffusion import min_snr_weights
 from sd.training.data import ShapesDataset
-from sd.training.evaluation import load_classifier, with_coordinates
+from sd.training.evaluation import load_classifier
+from sd.training.frechet import frechet_distance, judge_features
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "solutions" / "04_pixel_diffusion.ipynb"
 MIN_SNR_GAMMA = 5.0            # Hang et al. 2023, their default
 BATCH, LR, EMA_DECAY = 64, 3e-3, 0.99   # the notebook's training settings
 SAMPLE_STEPS, SAMPLES = 100, 192
-JUDGE_SIZE = 32                # the judge reads 32 x 32 pictures; 16 x 16 ones are upsampled (nearest), real and drawn
 BANDS = 5                      # timestep bands of the held-out loss
 
 
@@ -81,24 +81,6 @@ def train(nb: dict, images, betas, loss_fn, steps: int, seed: int):
             for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 1 - EMA_DECAY)
     return ema.eval()
-
-
-@torch.no_grad()
-def judge_features(judge, pictures: torch.Tensor) -> torch.Tensor:
-    """(N, 3, h, w) in [-1, 1] -> (N, D) the judge's pooled features (max and mean over positions)."""
-    h = judge.features(with_coordinates(F.interpolate(pictures, size=JUDGE_SIZE)))
-    return torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], dim=1).double()
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) of two (N, D) feature sets."""
-    def sqrtm(m):
-        values, vectors = torch.linalg.eigh((m + m.T) / 2)
-        return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    root_a = sqrtm(cov_a)
-    return ((mu_a - mu_b) ** 2).sum().item() + torch.trace(cov_a + cov_b - 2 * sqrtm(root_a @ cov_b @ root_a)).item()
 
 
 @torch.no_grad()
