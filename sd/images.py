@@ -6,9 +6,12 @@ One name per range:
 - `UNIT`, [0, 1]: what `generate(output_type="pt")` returns and what matplotlib's imshow shows;
 - 8-bit, 0..255: PIL images and uint8 arrays, what files hold.
 
-`init_image` conventions (image to image): a PIL image (any mode; converted to RGB), an (H, W, 3) uint8 array in
-0..255, or an (H, W, 3) float array in [0, 1]. Anything else (channels first, [-1, 1], values over 255, NaN) is
-refused with one line, because each would otherwise be silently misread (clipped to black or wrapped around).
+Pictures given to the pipeline (`init_image`, `mask_image`, and the control images to come) follow one set of
+conventions, checked by `sd.validation.require_picture`: a PIL image (any mode; converted to RGB, a mask to
+greyscale); or a numpy array (H, W) or (H, W, 3), uint8 in 0..255 or float in [0, 1]. A mask may also be (H, W, 1),
+or bool (True = white = repaint); its three channels, if it has three, must be equal. Anything else (channels
+first, [-1, 1], 0..255 held as floats, other integer types, NaN, a torch tensor) is refused with one line saying
+which rule, because each would otherwise be silently misread (clipped to black, wrapped around, or divided by 255).
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .validation import MAX_BYTE, require_picture
+
 SIGNED = (-1.0, 1.0)
 UNIT = (0.0, 1.0)
-MAX_BYTE = 255
 
 
 def signed_to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -42,32 +46,14 @@ def to_pil(images: torch.Tensor, value_range: tuple[float, float] = UNIT) -> lis
     return [Image.fromarray(a) for a in arr]
 
 
-def _array_to_pil(arr: np.ndarray) -> Image.Image:
-    """An init_image array -> a PIL image, after checking it follows the conventions in the module docstring."""
-    if arr.ndim != 3 or arr.shape[-1] != 3:
-        hint = " (channels first? use array.transpose(1, 2, 0))" if arr.ndim == 3 and arr.shape[0] == 3 else ""
-        raise ValueError(f"init_image array must be (H, W, 3), got shape {arr.shape}{hint}")
-    if arr.dtype == np.uint8:
-        return Image.fromarray(arr)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"init_image array must be uint8 in 0..255 or float in [0, 1], got dtype {arr.dtype}")
-    if not np.isfinite(arr).all():
-        raise ValueError("init_image array has NaN or infinite values")
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo < 0 or hi > 1:
-        hint = " (in SD's [-1, 1]? pass (x + 1) / 2)" if lo >= -1 and hi <= 1 else \
-            " (8-bit values? pass a uint8 array)" if lo >= 0 and hi <= MAX_BYTE else ""
-        raise ValueError(f"init_image float array must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
-    return Image.fromarray((arr * MAX_BYTE).round().astype(np.uint8))
+def as_rgb_image(image, name: str = "init_image") -> Image.Image:
+    """A picture (PIL image or (H, W) / (H, W, 3) array, see the conventions above) -> an RGB PIL image."""
+    return require_picture(name, image)
 
 
-def as_rgb_image(image) -> Image.Image:
-    """An init_image (PIL image or (H, W, 3) array, see the conventions above) -> an RGB PIL image."""
-    if isinstance(image, np.ndarray):
-        image = _array_to_pil(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"init_image must be a PIL image or an (H, W, 3) numpy array, got {type(image).__name__}")
-    return image.convert("RGB")
+def as_mask_image(mask, name: str = "mask_image") -> Image.Image:
+    """A mask (PIL image, or an (H, W), (H, W, 1) or equal-channel (H, W, 3) array) -> a greyscale ("L") PIL image."""
+    return require_picture(name, mask, mask=True)
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -24,10 +24,10 @@ from .runtime.compile import compile_or_eager, default_compile_kwargs
 from .runtime.memory import require_memory_for
 from .runtime.vae_tiling import decode_tiled
 from .samplers import randn
-from .validation import nearest_multiples, require_finite_tensor, require_int, require_number, require_texts
+from .validation import (MAX_SEED, nearest_multiples, require_finite_tensor, require_int, require_number,
+                         require_prompts, require_scale, require_seed, require_steps, require_strength)
 
 OUTPUT_TYPES = ("pil", "pt")
-MAX_SEED = 2 ** 64 - 1        # torch.Generator.manual_seed takes 64-bit seeds
 LARGE_GUIDANCE = 30.0         # beyond the guidance scales people use (SD's default is 7.5)
 
 
@@ -142,13 +142,14 @@ class StableDiffusion:
             image = torch.cat([decode(z).float() for z in chunks])
         return signed_to_unit(image)
 
-    def image_to_tensor(self, init_image, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    def image_to_tensor(self, init_image, height: int | None = None, width: int | None = None,
+                        name: str = "init_image") -> torch.Tensor:
         """An init image (see sd/images.py for the conventions) -> (1, 3, H, W) in [-1, 1], resized to
         (height, width) where given, each side a multiple of `size_multiple`."""
-        picture = as_rgb_image(init_image)
+        picture = as_rgb_image(init_image, name)
         w, h = picture.size
-        self._check_size("init_image width" if width is None else "width", width or w)
-        self._check_size("init_image height" if height is None else "height", height or h)
+        self._check_size(f"{name} width" if width is None else "width", width or w)
+        self._check_size(f"{name} height" if height is None else "height", height or h)
         if (width or w, height or h) != (w, h):
             picture = picture.resize((width or w, height or h), Image.LANCZOS)
         return pil_to_tensor(picture)
@@ -177,16 +178,12 @@ class StableDiffusion:
                                 sampler=sampler, strength=strength, seed=seed, num_images=num_images,
                                 progress=progress, output_type=output_type)
         # 1. check every argument before any work
-        prompts = require_texts(prompt, "prompt")
-        negatives = require_texts(negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one each, or one string")
+        prompts, negatives = require_prompts(prompt, negative_prompt)
         num_images = require_int(num_images, "num_images", 1)
-        guidance_scale = require_number(guidance_scale, "guidance_scale", low=0.0)
+        num_inference_steps = require_steps(num_inference_steps, self.scheduler.num_train_timesteps)
+        guidance_scale = require_scale(guidance_scale, "guidance_scale", low=0.0)
         eta = require_number(eta, "eta", low=0.0, high=1.0)
-        strength = require_number(strength, "strength")
+        strength = require_strength(strength)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if callback is not None and not callable(callback):
@@ -255,7 +252,9 @@ class StableDiffusion:
         seeds = seed if isinstance(seed, (list, tuple)) else [seed]
         if isinstance(seed, (list, tuple)) and len(seeds) != batch:
             raise ValueError(f"seed: {len(seeds)} seeds for {batch} images; give one per image, or one int")
-        seeds = [require_int(s, "seed", 0, MAX_SEED) for s in seeds]
+        seeds = [require_seed(s) for s in seeds]
+        if None in seeds:
+            raise TypeError(f"seed: a list of seeds must hold one integer per image, got {seed!r}")
         if len(seeds) == 1:
             return [torch.Generator("cpu").manual_seed(seeds[0])] * batch     # one shared generator
         return [torch.Generator("cpu").manual_seed(s) for s in seeds]

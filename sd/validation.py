@@ -4,7 +4,11 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+import numpy as np
 import torch
+from PIL import Image
+
+MAX_BYTE = 255                # the largest 8-bit pixel value: PIL images and uint8 arrays hold 0..255
 
 
 def nearest_multiples(n: int, m: int) -> str:
@@ -65,3 +69,114 @@ def require_image_like(x: torch.Tensor, name: str, channels: int, multiple: int,
             raise ValueError(f"{name} {side} must be a multiple of {multiple} ({what}), got {size}; "
                              f"the nearest sizes that work are {nearest_multiples(size, multiple)}")
 
+
+
+# --- the arguments every sampling API takes (generate, inpaint, invert, interpolate, and those to come) -----------
+MAX_SEED = 2 ** 64 - 1        # torch.Generator.manual_seed takes 64-bit seeds
+
+
+def require_seed(value, name: str = "seed") -> int | None:
+    """None (a random seed) or an integer in [0, 2**64 - 1], the seeds torch.Generator takes."""
+    return None if value is None else require_int(value, name, 0, MAX_SEED)
+
+
+def require_steps(value, maximum: int, name: str = "num_inference_steps") -> int:
+    """A number of sampling steps: an integer from 1 to `maximum`, the schedule's training steps (1000 for SD)."""
+    return require_int(value, name, 1, maximum)
+
+
+def require_strength(value, name: str = "strength") -> float:
+    """How much of a picture is redrawn: a number in (0, 1] (1: from pure noise; 0 would run no step)."""
+    value = require_number(value, name)
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must lie in (0, 1] (1: start from pure noise), got {value}")
+    return value
+
+
+def require_scale(value, name: str = "scale", low: float | None = None, high: float | None = None) -> float:
+    """A scale (guidance, LoRA strength, loss weight): a finite real number, bool and str refused."""
+    return require_number(value, name, low, high)
+
+
+def require_choice(value, name: str, choices: tuple[str, ...]) -> str:
+    """One of a few named options."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def require_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
+    """prompt and negative_prompt -> two lists of equal length (one negative string serves every prompt)."""
+    prompts = require_texts(prompt, "prompt")
+    negatives = require_texts(negative_prompt, "negative_prompt")
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one each, or one string")
+    return prompts, negatives
+
+
+# --- pictures given to the pipeline: init images, masks, (to come) control images ------------------------------
+# One set of rules for every one of them (README, "Refused input"):
+# - a PIL image (any mode: converted to RGB, or to greyscale "L" for a mask, as PIL and diffusers convert);
+# - a numpy array (H, W) (grey) or (H, W, 3) (RGB); a mask may also be (H, W, 1), and its 3 channels must be equal;
+# - uint8 in 0..255, or floats in [0, 1] (a mask may also be bool: True = white);
+# anything else (channels first, [-1, 1], 0..255 held as floats, other integer types, NaN, torch tensors) is refused
+# in one line saying which rule, because each would otherwise be misread silently (clipped, wrapped, or divided).
+PIL_NUMBER_MODES = ("I", "F")   # PIL modes holding 32-bit ints or floats: read as arrays, under the array rules
+
+
+def require_picture(name: str, value, *, mask: bool = False) -> Image.Image:
+    """A picture (or, mask=True, a mask) following the rules above -> an 8-bit PIL image, "RGB" (mask: "L")."""
+    mode = "L" if mask else "RGB"
+    if isinstance(value, Image.Image):
+        if value.mode not in PIL_NUMBER_MODES and not value.mode.startswith("I;"):
+            return value.convert(mode)
+        value = np.asarray(value)
+    if not isinstance(value, np.ndarray):
+        shapes = "(H, W), (H, W, 1) or (H, W, 3)" if mask else "(H, W) or (H, W, 3)"
+        hint = " (convert it: tensor.cpu().numpy(), channels last)" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"{name} must be a PIL image or a numpy array {shapes}, got {type(value).__name__}{hint}")
+    pixels = _array_channels_last(name, value, mask)                       # (H, W) or (H, W, 3)
+    return Image.fromarray(_array_to_bytes(name, pixels, mask)).convert(mode)
+
+
+def _array_channels_last(name: str, arr: np.ndarray, mask: bool) -> np.ndarray:
+    """The shape rules: (H, W) or (H, W, 3), and for a mask (H, W, 1) or three equal channels -> (H, W)."""
+    channels = (1, 3) if mask else (3,)
+    if arr.ndim != 2 and not (arr.ndim == 3 and arr.shape[-1] in channels):
+        shapes = "(H, W), (H, W, 1) or (H, W, 3)" if mask else "(H, W) or (H, W, 3)"
+        hint = (" (channels first? use array.transpose(1, 2, 0))" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4)
+                else " (RGBA? drop the alpha: array[..., :3])" if arr.ndim == 3 and arr.shape[-1] == 4
+                else " (a batch? give one picture)" if arr.ndim == 4 else "")
+        raise ValueError(f"{name} array must be {shapes}, got shape {arr.shape}{hint}")
+    if arr.size == 0:
+        raise ValueError(f"{name} array is empty, got shape {arr.shape}")
+    if mask and arr.ndim == 3:
+        if arr.shape[-1] == 3 and not (np.array_equal(arr[..., 0], arr[..., 1])
+                                       and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise ValueError(f"{name} array's 3 channels must be equal (a grey mask: white = repaint, black = keep), "
+                             f"got channels that differ; pass one channel, e.g. array[..., 0]")
+        arr = arr[..., 0]                                                  # (H, W, 1 or 3) -> (H, W)
+    return arr
+
+
+def _array_to_bytes(name: str, arr: np.ndarray, mask: bool) -> np.ndarray:
+    """The value rules: uint8 as it is, floats in [0, 1] rounded to 8 bits, a mask's bool as 0 / 255."""
+    if arr.dtype == np.uint8:
+        return arr
+    if mask and arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * MAX_BYTE
+    kinds = "uint8 in 0..255, float in [0, 1] or bool" if mask else "uint8 in 0..255 or float in [0, 1]"
+    if not np.issubdtype(arr.dtype, np.floating):
+        hint = " (8-bit values in a wider type? use array.astype(np.uint8))" \
+            if np.issubdtype(arr.dtype, np.integer) and arr.min() >= 0 and arr.max() <= MAX_BYTE else ""
+        raise ValueError(f"{name} array must be {kinds}, got dtype {arr.dtype}{hint}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} array has NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0 or hi > 1:
+        hint = " (in SD's [-1, 1]? pass (x + 1) / 2)" if lo >= -1 and hi <= 1 else \
+            " (8-bit values? pass a uint8 array)" if lo >= 0 and hi <= MAX_BYTE else ""
+        raise ValueError(f"{name} float array must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
+    return (arr * MAX_BYTE).round().astype(np.uint8)

@@ -59,7 +59,7 @@ def test_a_prompt_that_is_not_text_is_named(pipe, prompt):
 
 
 @pytest.mark.parametrize("array, words", [
-    (np.zeros((3, 32, 32), np.float32), "must be (H, W, 3)"),                 # channels first
+    (np.zeros((3, 32, 32), np.float32), "must be (H, W) or (H, W, 3)"),       # channels first
     (np.full((32, 32, 3), -0.5, np.float32), "in SD's [-1, 1]?"),             # SD's range
     (np.full((32, 32, 3), 200.0, np.float32), "8-bit values?"),               # bytes as floats
     (np.full((32, 32, 3), 300.0, np.float32), "must lie in [0, 1]"),          # over 255
