@@ -8,6 +8,7 @@ import sd
 from sd.attention import SelfAttention
 from sd.cross_attention import CrossAttention
 from sd.runtime import Runtime, detect_runtime, resolve_device, savers_for
+from sd.runtime import device as device_module
 
 GIB = 2**30
 
@@ -88,3 +89,47 @@ def test_under_torchrun_cuda_means_this_processs_gpu(monkeypatch):
     assert resolve_device(None) == resolve_device("cuda") == torch.device("cuda", 1)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)      # an explicit index is kept
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def fake_mac(monkeypatch, gib: float):
+    """A Mac with Apple Silicon: MPS available, no CUDA, `gib` GiB of memory shared by CPU and GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(device_module, "machine_memory_bytes", lambda: int(gib * GIB))
+
+
+@pytest.mark.parametrize("gib, savers", [
+    (16.0, ("vae_slicing", "attention_slicing")),    # a MacBook Air: diffusers' guide slices attention below 64 GB
+    (96.0, ("vae_slicing",)),
+])
+def test_apple_silicon_picks_mps_in_float16_with_attention_slicing_below_64_gib(monkeypatch, gib, savers):
+    fake_mac(monkeypatch, gib)
+    runtime = detect_runtime()
+    assert runtime.device == torch.device("mps") and runtime.dtype == torch.float16
+    assert runtime.savers == savers
+    assert "Apple Silicon (MPS)" in str(runtime) and f"{gib:.1f} GiB" in str(runtime)
+    assert resolve_device(None) == torch.device("mps")       # generate, training and load_checkpoint agree
+
+
+def test_cuda_is_preferred_to_mps_and_the_cpu_is_the_last_choice(monkeypatch):
+    fake_mac(monkeypatch, 16.0)
+    fake_gpu(monkeypatch, "NVIDIA L4", 8, 9, 22.0)           # both reported: CUDA wins
+    assert detect_runtime().device == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert detect_runtime() == Runtime(torch.device("cpu"), torch.float32)
+
+
+def test_sd_dtype_overrides_mps_and_a_bad_value_names_the_variable(monkeypatch):
+    fake_mac(monkeypatch, 16.0)
+    monkeypatch.setenv("SD_DTYPE", "float32")
+    assert detect_runtime().dtype == torch.float32
+    monkeypatch.setenv("SD_DTYPE", "half")
+    with pytest.raises(ValueError, match=r"^\$SD_DTYPE must be one of float32, float16, bfloat16, got 'half'$"):
+        detect_runtime()
+
+
+def test_mps_asked_for_on_a_machine_without_it_says_so(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="Apple's MPS is not available on this machine; use cpu"):
+        detect_runtime("mps")

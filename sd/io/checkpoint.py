@@ -156,14 +156,14 @@ def load_checkpoint(source=None, device: str | torch.device | None = None, dtype
     id ("stable-diffusion-v1-5/stable-diffusion-v1-5", downloaded once into the Hub cache) or a state dict.
     No source: the project's own small model, trained on shapes.
 
-    device: default CUDA when available, else CPU. dtype: default float16 on CUDA, float32 on CPU.
+    device: default CUDA when available, else Apple's MPS, else CPU. dtype: default float16 on CUDA and MPS, float32 on CPU.
     """
     if source is None:
         if not DEFAULT_MODEL.is_file():
             raise ValueError(NO_CHECKPOINT_HELP)
         source = DEFAULT_MODEL
     device = resolve_device(device)
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or (torch.float16 if device.type in ("cuda", "mps") else torch.float32)
     if hub.looks_like_repo_id(source):
         source = hub.fetch(source, fp16=dtype != torch.float32)   # half-size files for float16 and bfloat16
     weights = read_source(source)

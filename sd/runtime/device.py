@@ -3,6 +3,7 @@
 `resolve_device` is the package's one device resolver (generate, training, load_checkpoint all use it).
 
 The notebooks' set-up cell calls `detect_runtime()` once; `sd.course.load_course_model` applies the same choice.
+The order of preference: an NVIDIA GPU (CUDA), then Apple Silicon's GPU (MPS), then the CPU.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .settings import env_choice
+
 # bfloat16 needs Ampere or newer (compute capability 8.0: A100, L4, H100, RTX 30xx); older GPUs (T4 is 7.5, V100
 # 7.0) emulate it slowly, so they get float16. Both halve the memory and the download of the weights.
 BF16_MIN_CAPABILITY = 8
@@ -18,6 +21,11 @@ BF16_MIN_CAPABILITY = 8
 # peaks near 3.5 GB for one 512 x 512 image with fused attention; CPU offload keeps only one model on the GPU.
 SLICING_BELOW_GIB = 8.0        # attention slicing and VAE tiling: smaller attention and decoder activations
 OFFLOAD_BELOW_GIB = 6.0        # model CPU offload: the text encoder, UNet and VAE visit the GPU in turn
+# Apple Silicon (MPS) shares the machine's memory with the GPU. diffusers' MPS guide recommends attention slicing
+# "if your computer has < 64 GB of RAM" (https://huggingface.co/docs/diffusers/optimization/mps), and runs SD in
+# float16 there: MPS has fast float16 on every Apple GPU; bfloat16 needs macOS 14 and is not faster.
+MPS_SLICING_BELOW_GIB = 64.0
+MPS_DTYPE = torch.float16
 
 # Set to float32, float16 or bfloat16 to override the choice (e.g. float32 on a GPU to rule out precision issues).
 DTYPE_ENV = "SD_DTYPE"
@@ -41,21 +49,22 @@ class Runtime:
         return pipe
 
     def __str__(self) -> str:
-        if self.device.type != "cuda":
-            return f"No GPU: {self.device}, {str(self.dtype).removeprefix('torch.')}"
+        dtype = str(self.dtype).removeprefix("torch.")
+        if self.device.type == "cpu":
+            return f"No GPU: {self.device}, {dtype}"
         savers = ", ".join(self.savers) or "none"
-        return (f"GPU: {self.gpu_name}, {self.gpu_gib:.1f} GiB; {str(self.dtype).removeprefix('torch.')}; "
-                f"memory savers: {savers}")
+        shared = " shared with the CPU" if self.device.type == "mps" else ""
+        return f"GPU: {self.gpu_name}, {self.gpu_gib:.1f} GiB{shared}; {dtype}; memory savers: {savers}"
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The one device resolver: None (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N', 'mps' or a
-    torch.device -> a device this machine has; else one line saying what is available.
+    """The one device resolver: None (CUDA when available, else Apple's MPS, else the CPU), 'cpu', 'cuda', 'cuda:N',
+    'mps' or a torch.device -> a device this machine has; else one line saying what is available.
 
     Under torchrun ($LOCAL_RANK set), 'cuda' without an index (and None on a GPU machine) means this process's GPU.
     """
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
@@ -87,13 +96,26 @@ def savers_for(gib: float) -> tuple[str, ...]:
     return tuple(savers)
 
 
+def mps_savers_for(gib: float) -> tuple[str, ...]:
+    """Memory savers on Apple Silicon with `gib` GiB of memory (shared by CPU and GPU): VAE slicing, and attention
+    slicing below 64 GiB as diffusers' MPS guide recommends."""
+    return ("vae_slicing", "attention_slicing") if gib < MPS_SLICING_BELOW_GIB else ("vae_slicing",)
+
+
+def machine_memory_bytes() -> int:
+    """The machine's physical memory (on a Mac, what the CPU and the GPU share)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def detect_runtime(device: str | torch.device | None = None) -> Runtime:
-    """CUDA when available (float16 or bfloat16, savers by memory), else the CPU in float32; $SD_DTYPE overrides
-    the number format."""
+    """CUDA when available (float16 or bfloat16, savers by memory), else Apple's MPS (float16, savers by memory),
+    else the CPU in float32; $SD_DTYPE overrides the number format."""
     device = resolve_device(device)
-    forced = os.environ.get(DTYPE_ENV)
-    if forced is not None and forced not in DTYPES:
-        raise ValueError(f"${DTYPE_ENV} must be one of {', '.join(DTYPES)}, got {forced!r}")
+    forced = env_choice(DTYPE_ENV, tuple(DTYPES))
+    if device.type == "mps":
+        gib = machine_memory_bytes() / 2**30
+        return Runtime(device, DTYPES[forced] if forced else MPS_DTYPE, mps_savers_for(gib), "Apple Silicon (MPS)",
+                       gib)
     if device.type != "cuda":
         return Runtime(device, DTYPES[forced] if forced else torch.float32)
     props = torch.cuda.get_device_properties(device)

@@ -38,6 +38,9 @@ def available_bytes(device: torch.device) -> int | None:
     """Free memory of the device: the GPU's free memory, or the machine's available RAM; None where unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        # what Metal lets this process use (about 2/3 to 3/4 of a Mac's memory), less what it holds already
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
     if device.type == "cpu" and MEMINFO.exists():
         for line in MEMINFO.read_text().splitlines():
             if line.startswith("MemAvailable:"):
