@@ -48,6 +48,13 @@ def require_texts(value, name: str) -> list[str]:
     raise TypeError(f"{name} must be a string or a non-empty list of strings, got {type(value).__name__} {value!r}")
 
 
+def require_text(value, name: str) -> str:
+    """One string (for the APIs that take one prompt)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
 def require_finite_tensor(x, name: str) -> torch.Tensor:
     """A torch.Tensor without NaN or infinity."""
     if not isinstance(x, torch.Tensor):
@@ -102,6 +109,13 @@ def require_choice(value, name: str, choices: tuple[str, ...]) -> str:
     """One of a few named options."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def require_flag(value, name: str) -> bool:
+    """A yes/no option: True or False only (a string such as "no" would count as yes)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     return value
 
 

@@ -9,18 +9,21 @@ downhill on L. A loss on pixels decodes x0_hat with the VAE decoder, e.g. `colou
 """
 from __future__ import annotations
 
-import random
 from typing import Callable
 
 import torch
 
 from ..images import to_pil
 from ..samplers import predict_x0, randn
-from .loop import denoise, require_edit_sampler
+from ..validation import require_choice, require_number, require_scale, require_steps, require_text
+from .loop import denoise, require_edit_sampler, seeded_generator
 
 
 def loss_guidance(loss_fn: Callable[[torch.Tensor], torch.Tensor], scale: float) -> Callable:
     """An `adjust_eps` hook for sd/editing/loop.py: eps moved so that x0_hat lowers loss_fn(x0_hat)."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (x0_hat -> a scalar loss), got {type(loss_fn).__name__}")
+    scale = require_scale(scale, "loss_scale")
     def adjust_eps(i: int, x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
@@ -32,8 +35,9 @@ def loss_guidance(loss_fn: Callable[[torch.Tensor], torch.Tensor], scale: float)
 
 def colour_loss(pipe, rgb: tuple[float, float, float]) -> Callable[[torch.Tensor], torch.Tensor]:
     """A loss on latents: mean squared distance of the decoded pixels (in [0, 1]) to the colour `rgb` (in [0, 1])."""
-    if len(rgb) != 3 or not all(0 <= c <= 1 for c in rgb):
+    if not isinstance(rgb, (tuple, list)) or len(rgb) != 3:
         raise ValueError(f"rgb must be three numbers in [0, 1], got {rgb!r}")
+    rgb = tuple(require_number(c, "each rgb value", 0.0, 1.0) for c in rgb)
     target = torch.tensor(rgb, device=pipe.device).view(1, 3, 1, 1)
 
     def loss(x0_hat: torch.Tensor) -> torch.Tensor:
@@ -49,17 +53,26 @@ def generate_with_loss(pipe, prompt: str, loss_fn: Callable[[torch.Tensor], torc
                        num_inference_steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim",
                        seed: int | None = None, progress: bool = True, output_type: str = "pil"):
     """Text to image, each step also pulled by the loss on x0_hat (loss_scale = 0: plain generation)."""
+    # 0. every argument checked before any work, by the rules `generate` uses
+    prompt, negative_prompt = require_text(prompt, "prompt"), require_text(negative_prompt, "negative_prompt")
+    hook = loss_guidance(loss_fn, loss_scale)
+    num_inference_steps = require_steps(num_inference_steps, pipe.scheduler.num_train_timesteps)
+    guidance_scale = require_scale(guidance_scale, "guidance_scale", low=0.0)
+    sampler = require_edit_sampler(sampler)
+    output_type = require_choice(output_type, "output_type", ("pil", "pt"))
+    generator = seeded_generator(seed)
     height, width = height or pipe.native_size, width or pipe.native_size
     pipe._check_size("height", height)
     pipe._check_size("width", width)
     shape = (1, pipe.unet.config.in_channels, height // pipe.vae_factor, width // pipe.vae_factor)
-    generator = torch.Generator("cpu").manual_seed(random.randrange(2 ** 63) if seed is None else seed)
+
+    # 1. text, noise, then the guided loop
     context = pipe.encode_prompt([prompt])
     uncond = pipe.encode_prompt([negative_prompt]) if guidance_scale > 1 else None
-    levels = pipe.scheduler.noise_levels(num_inference_steps, require_edit_sampler(sampler))
+    levels = pipe.scheduler.noise_levels(num_inference_steps, sampler)
     x = randn(shape, generator, pipe.dtype, pipe.device)                  # x_T: pure noise at the first level
     with pipe._on_device(pipe.unet), pipe._on_device(pipe.decoder):
         latents = denoise(pipe.unet, levels, x, context, uncond, guidance_scale, generator=generator, sampler=sampler,
-                          adjust_eps=loss_guidance(loss_fn, loss_scale) if loss_scale else None, progress=progress)
+                          adjust_eps=hook if loss_scale else None, progress=progress)
     images = pipe.decode(latents)
     return images if output_type == "pt" else to_pil(images)

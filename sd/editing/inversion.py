@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..samplers import predict_x0
+from ..validation import require_scale, require_steps, require_text
 from .loop import guided_eps
 
 
@@ -22,8 +23,12 @@ from .loop import guided_eps
 def invert(pipe, image, prompt: str = "", num_inference_steps: int = 50, guidance_scale: float = 1.0, *,
            negative_prompt: str = "", height: int | None = None, width: int | None = None,
            progress: bool = True) -> torch.Tensor:
-    """An image (PIL or (H, W, 3) array) -> the DDIM noise x_T (1, 4, h, w) from which `generate` redraws it."""
-    picture = pipe.image_to_tensor(image, height, width).to(pipe.device)       # (1, 3, H, W) in [-1, 1]
+    """An image (PIL or array, sd/images.py's conventions) -> the DDIM noise x_T (1, 4, h, w) from which `generate` redraws it."""
+    # 0. every argument checked before any work, by the rules `generate` uses
+    prompt, negative_prompt = require_text(prompt, "prompt"), require_text(negative_prompt, "negative_prompt")
+    num_inference_steps = require_steps(num_inference_steps, pipe.scheduler.num_train_timesteps)
+    guidance_scale = require_scale(guidance_scale, "guidance_scale", low=0.0)
+    picture = pipe.image_to_tensor(image, height, width, name="image").to(pipe.device)   # (1, 3, H, W) in [-1, 1]
     with pipe._on_device(pipe.encoder):
         encoder_dtype = next(pipe.encoder.parameters()).dtype
         x = pipe.encoder(picture.to(encoder_dtype)).to(pipe.dtype)             # (1, 4, h, w), the posterior mean

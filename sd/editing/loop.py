@@ -10,21 +10,30 @@ conversion there.
 """
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..samplers import NoiseLevels, ddim_step, ddpm_step, randn
+from ..validation import MAX_SEED, require_seed
 
 EDIT_SAMPLERS = ("ddim", "ddpm")
 
 
 def require_edit_sampler(sampler: str) -> str:
-    if sampler not in EDIT_SAMPLERS:
+    """One of the variance-preserving samplers, whose latent is x_t at every step (what the hooks expect)."""
+    if not isinstance(sampler, str) or sampler not in EDIT_SAMPLERS:
         raise ValueError(f"sampler must be one of {EDIT_SAMPLERS} for editing (their latent is x_t at every step), "
                          f"got {sampler!r}")
     return sampler
+
+
+def seeded_generator(seed: int | None, name: str = "seed") -> torch.Generator:
+    """A CPU generator from one seed (validated as generate's: an integer in [0, 2**64 - 1]); None: a random seed."""
+    seed = require_seed(seed, name)
+    return torch.Generator("cpu").manual_seed(random.randrange(MAX_SEED + 1) if seed is None else seed)
 
 
 def guided_eps(unet, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
