@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 
 from sd.course.checks import check_ddpm_sampling, check_pixel_loss, pick
 from sd.course.checks.pixel import (linear_betas, reference_ddpm_sample, reference_pixel_loss, run_timesteps)
-from tests.check_helpers import rejects
+from tests.check_helpers import program_text, rejects, rejects_unrecognised
 
 
 def _diffusers_ddpm(num_train_timesteps: int) -> DDPMScheduler:
@@ -156,11 +156,11 @@ def loss_as_a_number(model, x0, betas, generator):
 
 
 @pytest.mark.parametrize("impl, mistake", [
-    (loss_predicting_x0, "the target is the clean image x0"),
-    (loss_with_alpha_not_alpha_bar, "alpha_t = 1 - beta_t is used where alpha_bar_t belongs"),
+    (loss_predicting_x0, "the target is the clean image x₀"),
+    (loss_with_alpha_not_alpha_bar, "α_t = 1 − β_t is used where ᾱ_t belongs"),
     (loss_without_sqrt, "the square roots are missing"),
     (loss_noise_first, "the noise is drawn before t"),
-    (loss_as_a_number, "not loss.item()"),
+    (loss_as_a_number, "not its value as a Python number"),
 ])
 def test_check_pixel_loss_names_the_mistake(impl, mistake):
     rejects(check_pixel_loss, impl, "check_pixel_loss failed", "Hint: ", mistake)
@@ -201,8 +201,8 @@ def sampler_with(**how):
     ({"noise_at_end": True, "beta_variance": True}, "is added at the last step too"),
     ({"beta_variance": True}, "Ho et al.'s other choice"),
     ({"wraps": True}, "the index wraps around"),
-    ({"no_clip": True}, "not clipped to [-1, 1]"),
-    ({"alpha_bar_as_alpha": True}, "alpha_bar_t is used where the step's alpha_t belongs"),
+    ({"no_clip": True}, "not clipped to [−1, 1]"),
+    ({"alpha_bar_as_alpha": True}, "ᾱ_t is used where the step's α_t belongs"),
 ])
 def test_check_ddpm_sampling_names_the_mistake(how, mistake):
     rejects(check_ddpm_sampling, sampler_with(**how), "check_ddpm_sampling failed", "Hint: ", mistake)
@@ -245,4 +245,77 @@ def test_pick_goes_on_with_the_reference_when_the_exercise_is_not_done(capsys):
     assert pick(check_pixel_loss, stub, reference=reference_pixel_loss) is reference_pixel_loss
     assert pick(check_pixel_loss, loss_predicting_x0, reference=reference_pixel_loss) is reference_pixel_loss
     out = capsys.readouterr().out
-    assert "not done yet" in out and "clean image x0" in out and "using the reference" in out
+    assert "not done yet" in out and "clean image x₀" in out and "using the reference" in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Behaviour the values alone do not show, and wrong answers the checks do not know
+# ---------------------------------------------------------------------------------------------------------
+
+def loss_with_global_noise(model, x0, betas, generator):
+    """The timesteps from the generator, the noise from torch's global random numbers."""
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    t = torch.randint(0, len(betas), (x0.shape[0],), generator=generator)
+    noise = torch.randn_like(x0)
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    return F.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), noise)
+
+
+def loss_with_detached_prediction(model, x0, betas, generator):
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    t = torch.randint(0, len(betas), (x0.shape[0],), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).requires_grad_()    # a gradient, but not to the weights
+    return F.mse_loss(model(x_t, t).detach() + 0 * x_t, noise)
+
+
+def loss_with_l1(model, x0, betas, generator):
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    t = torch.randint(0, len(betas), (x0.shape[0],), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    return F.l1_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), noise)
+
+
+def test_check_pixel_loss_rejects_noise_from_the_global_random_numbers():
+    message = rejects(check_pixel_loss, loss_with_global_noise, "two calls with generators seeded alike",
+                      "global random numbers", 'hint("4.1")')
+    assert program_text(message) is None, message
+
+
+def test_check_pixel_loss_rejects_a_loss_whose_gradient_does_not_reach_the_weights():
+    message = rejects(check_pixel_loss, loss_with_detached_prediction, "no gradient reaches the model's weights")
+    assert program_text(message) is None, message
+
+
+def test_check_pixel_loss_points_to_the_hints_for_an_unknown_mistake():
+    rejects_unrecognised(check_pixel_loss, loss_with_l1, "4.1")
+
+
+def test_check_ddpm_sampling_points_to_the_hints_for_an_unknown_mistake():
+    def clipped_to_half(model, x_T, timesteps, betas, generator):
+        return my_sampler(model, x_T, timesteps, betas, generator).clamp(-0.5, 0.5)
+    rejects_unrecognised(check_ddpm_sampling, clipped_to_half, "4.2")
+
+
+def test_every_named_mistake_of_the_pixel_checks_is_words_not_code():
+    for impl, check in [(loss_predicting_x0, check_pixel_loss), (loss_without_sqrt, check_pixel_loss),
+                        (sampler_with(no_clip=True), check_ddpm_sampling),
+                        (sampler_with(beta_variance=True), check_ddpm_sampling)]:
+        message = rejects(check, impl, "Hint: ")
+        assert program_text(message) is None, message
+
+
+def test_reference_sampler_without_clipping_is_diffusers_with_clip_sample_off():
+    timesteps, betas = run_timesteps(1000, 10), linear_betas()
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours = reference_ddpm_sample(ToyModel(), x_T, timesteps, betas, torch.Generator().manual_seed(1), clip_x0=False)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, trained_betas=betas.tolist(), variance_type="fixed_small",
+                              clip_sample=False, prediction_type="epsilon")
+    scheduler.set_timesteps(timesteps=timesteps.tolist())
+    generator, x, model = torch.Generator().manual_seed(1), x_T, ToyModel()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t.expand(2)), t, x, generator=generator).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)

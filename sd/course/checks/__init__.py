@@ -7,7 +7,7 @@ from .attention import (check_causal_attention, check_cross_attention, check_sca
                         check_self_attention)
 from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_quick_gelu
 from .common import pick, try_check
-from .diffusion import check_add_noise, check_schedule
+from .diffusion import check_identify, check_predictions, check_shift_schedule
 from .editing import check_blend_latents, check_ddim_inversion_step, check_slerp
 from .fine_tuning import check_lora_layer, check_textual_inversion_step
 from .pipeline import check_text_to_image
@@ -38,7 +38,7 @@ __all__ = [
     "check_timestep_embedding", "check_res_block", "check_geglu", "check_transformer_block",
     "check_spatial_transformer", "check_unet_forward",
     # 06 forward diffusion
-    "check_schedule", "check_add_noise",
+    "check_predictions", "check_identify", "check_shift_schedule",
     # 07 sampling
     "check_ddpm_step", "check_ddim_step", "check_previous_alpha_bars", "check_classifier_free_guidance",
     # 08 the sigma view

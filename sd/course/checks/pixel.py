@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...timestep_embedding import timestep_embedding
-from .common import ATOL, RTOL, Case, Mistake, randn, require_callable, seeded
+from .common import ATOL, RTOL, Case, Mistake, _crash_line, _unknown_mistake, randn, require_callable, seeded
 
 _PREDICTOR_SEED = 3
 _TIME_FEATURES = 16
@@ -83,9 +83,15 @@ def _same(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL, rtol: float = RT
 
 
 def _run_check(name: str, fn: Callable, reference: Callable, cases: list[Case], run: Callable,
-               compare: Callable, mistakes: list[Mistake], hint: str, ref_name: str, describe: Callable) -> bool:
-    """Run `run(fn, case)` and `run(reference, case)` on each case; raise AssertionError naming the first mistake."""
+               compare: Callable, mistakes: list[Mistake], hint: str, ref_name: str, describe: Callable,
+               exercise: str, behaviour: Callable | None = None) -> bool:
+    """Run `run(fn, case)` and `run(reference, case)` on each case; raise AssertionError naming the first mistake.
+
+    `hint` (words, never code) is said when no `Mistake` explains a difference, with a pointer to hint(exercise);
+    `behaviour(fn, case)` may raise _Failed for what values alone cannot show (a global random number, say).
+    """
     require_callable(name, fn)
+    more = f'\n  More help, one step at a time: hint("{exercise}")'
     worst = 0.0
     with torch.random.fork_rng(devices=[]):
         for i, case in enumerate(cases):
@@ -93,16 +99,20 @@ def _run_check(name: str, fn: Callable, reference: Callable, cases: list[Case], 
             expected = run(reference, case)
             try:
                 got = run(fn, case)
+                if behaviour is not None:
+                    behaviour(fn, case)
             except NotImplementedError:
                 raise
             except _Failed as e:
-                raise AssertionError(f"{where}: {e}") from None
+                raise AssertionError(f"{where}: {e}{more}") from None
             except Exception as e:
-                raise AssertionError(f"{where}: your code raised {type(e).__name__}: {e}" + _hint_line(hint)) from e
+                raise AssertionError(f"{where}: your code raised {type(e).__name__}: {e}{_crash_line(e)}"
+                                     + _hint_line(hint) + more) from e
             problem, diff = compare(got, expected)
             if problem is not None:
                 named = next((m.hint for m in mistakes if _matches(m, got, case, compare)), None)
-                raise AssertionError(f"{where}:\n  {problem}" + _hint_line(named or hint))
+                raise AssertionError(f"{where}:\n  {problem}" + (_hint_line(named) if named else
+                                     _hint_line(hint) + _unknown_mistake(exercise)))
             worst = max(worst, diff)
     print(f"✅ {name} passed: matches {ref_name} on {len(cases)} random inputs (max diff {worst:.1g})")
     return True
@@ -158,16 +168,20 @@ def _loss_and_grads(fn: Callable, case: Case) -> tuple[torch.Tensor, torch.Tenso
         loss = fn(model, case.inputs["x0"].clone(), case.inputs["betas"].clone(), generator)
         if not isinstance(loss, torch.Tensor):
             raise _Failed(f"the loss should be a tensor, got {type(loss).__name__} {loss!r}"[:200]
-                          + _hint_line("return the tensor F.mse_loss(...) itself, not loss.item(): the optimizer "
-                                       "needs loss.backward()"))
+                          + _hint_line("give back the loss tensor itself, not its value as a Python number: the "
+                                       "optimizer needs its gradient"))
         if loss.numel() != 1:
             raise _Failed(f"the loss should be one number (a 0-d tensor), got shape {tuple(loss.shape)}"
-                          + _hint_line("average over the batch and every pixel: F.mse_loss(pred, noise)"))
+                          + _hint_line("average the squared error over the batch and every pixel"))
         if not loss.requires_grad:
             raise _Failed("the loss carries no gradient back to the model's weights"
-                          + _hint_line("don't compute the prediction under torch.no_grad() or .detach() it"))
+                          + _hint_line("compute the prediction with gradients on (not in a no-grad block, not "
+                                       "detached)"))
         params = list(model.parameters())
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+    if all(g is None or not bool(g.any()) for g in grads):
+        raise _Failed("no gradient reaches the model's weights: the loss does not depend on the model's prediction"
+                      + _hint_line("the loss compares the model's prediction with the noise"))
     flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
     return loss.detach().reshape(()).float(), flat
 
@@ -190,47 +204,62 @@ def _loss_cases() -> list[Case]:
                 Case({"x0": randn(5, 3, 4, 4).clamp(-1, 1), "betas": linear_betas(50), "seed": 3})]
 
 
+def _loss_behaviour(fn: Callable, case: Case) -> None:
+    """Two calls with generators seeded alike, torch's global random state moved in between: the same loss."""
+    losses = []
+    for global_seed in (11, 12):
+        torch.manual_seed(global_seed)
+        losses.append(_loss_and_grads(fn, case)[0])
+    if not _same(losses[0], losses[1]):
+        raise _Failed(f"two calls with generators seeded alike gave two losses, {float(losses[0]):.6g} and "
+                      f"{float(losses[1]):.6g}: something is drawn from torch's global random numbers"
+                      + _hint_line("draw the timesteps and the noise from the generator that is passed in, so "
+                                   "that a run can be replayed"))
+
+
 def check_pixel_loss(fn) -> bool:
-    """fn(model, x0 (B, 3, H, W), betas (T,), generator) -> L_simple: t, then noise, from the generator."""
+    """Exercise 4.1: fn(model, x0 (B, 3, H, W), betas (T,), generator) -> L_simple, t then noise from the generator.
+
+    Besides the loss's value it checks its behaviour: gradients reach the model's weights (and match the
+    reference's), and two calls with generators seeded alike give the same loss whatever torch's global random
+    state (the generator is used, not the global random numbers).
+    """
     def wrong(**how):
         return lambda ref, c: _loss_and_grads(lambda *a: _wrong_loss(*a, **how), c)
 
     mistakes = [
-        Mistake("the target is the clean image x0: this model predicts the NOISE (epsilon-prediction, Ho et al. "
-                "2020, eq. 14): F.mse_loss(model(x_t, t), noise)", wrong(target="x0")),
-        Mistake("the target is the noisy image x_t: the model must predict the noise that was added",
+        Mistake("the target is the clean image x₀: this model predicts the NOISE ε (ε-prediction, Ho et al. "
+                "2020, eq. 14), so the loss compares the prediction with ε", wrong(target="x0")),
+        Mistake("the target is the noisy image x_t: the model must predict the noise ε that was added",
                 wrong(target="x_t")),
-        Mistake("alpha_t = 1 - beta_t is used where alpha_bar_t belongs: x_t needs the product of all the alphas "
-                "up to t, alpha_bar = torch.cumprod(1 - betas, dim=0)", wrong(schedule="alpha")),
-        Mistake("beta_t is used where alpha_bar_t belongs: alpha_bar = torch.cumprod(1 - betas, dim=0)",
+        Mistake("α_t = 1 − β_t is used where ᾱ_t belongs: x_t needs the product of all the alphas up to t",
+                wrong(schedule="alpha")),
+        Mistake("β_t is used where ᾱ_t belongs: ᾱ_t is the running product of 1 − β up to t",
                 wrong(schedule="beta")),
-        Mistake("the square roots are missing: x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise",
-                wrong(coef="no_sqrt")),
-        Mistake("the noise is scaled by 1 - alpha_bar_t, a variance: scale it by sqrt(1 - alpha_bar_t)",
+        Mistake("the square roots are missing: x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε", wrong(coef="no_sqrt")),
+        Mistake("the noise is scaled by 1 − ᾱ_t, a variance: scale it by the standard deviation √(1 − ᾱ_t)",
                 wrong(coef="variance")),
-        Mistake("the coefficients are swapped: x0 gets sqrt(alpha_bar_t), the noise sqrt(1 - alpha_bar_t)",
+        Mistake("the coefficients are swapped: x₀ gets √ᾱ_t (close to 1 at small t), the noise √(1 − ᾱ_t)",
                 wrong(coef="swapped")),
-        Mistake("x0 is not scaled down: x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise keeps the "
-                "variance at 1", wrong(coef="added")),
-        Mistake("t is drawn from [1, T]: the timesteps are 0, ..., T - 1, torch.randint(0, T, (B,), "
-                "generator=generator)", wrong(t_range="one_to_T")),
+        Mistake("x₀ is not scaled down: with √ᾱ_t x₀ + √(1 − ᾱ_t) ε the variance stays at 1", wrong(coef="added")),
+        Mistake("t is drawn from 1 to T: the timesteps are 0, 1, ..., T − 1 (the upper end excluded)",
+                wrong(t_range="one_to_T")),
         Mistake("the noise is drawn before t: draw t first, then the noise, so that the same generator gives "
                 "the same numbers as the reference", wrong(noise_first=True)),
-        Mistake("one t for the whole batch: draw one timestep per image, torch.randint(0, T, (B,), "
-                "generator=generator)", wrong(one_t=True)),
-        Mistake("the loss is summed: take the mean over the batch and every pixel, F.mse_loss(pred, noise)",
-                wrong(reduction="sum")),
+        Mistake("one t for the whole batch: draw one timestep per image, B of them", wrong(one_t=True)),
+        Mistake("the loss is summed: take the mean over the batch and every pixel", wrong(reduction="sum")),
     ]
-    hint = ("alpha_bar = cumprod(1 - betas); t = torch.randint(0, T, (B,), generator=generator), then noise = "
-            "torch.randn(x0.shape, generator=generator); x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise; "
-            "return F.mse_loss(model(x_t, t), noise)")
+    hint = ("draw B timesteps, then noise of x₀'s shape, both from the generator; x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε "
+            "with ᾱ the running product of 1 − β; the loss is the mean squared error between the model's "
+            "prediction at (x_t, t) and ε")
 
     def describe(c):
         return (f"x0 {tuple(c.inputs['x0'].shape)}, T = {len(c.inputs['betas'])}, "
                 f"generator seeded {c.inputs['seed']}")
 
     return _run_check("check_pixel_loss", fn, reference_pixel_loss, _loss_cases(), _loss_and_grads,
-                      _compare_loss, mistakes, hint, "Ho et al. 2020, Algorithm 1 (reference_pixel_loss)", describe)
+                      _compare_loss, mistakes, hint, "Ho et al. 2020, Algorithm 1 (reference_pixel_loss)", describe,
+                      exercise="4.1", behaviour=_loss_behaviour)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,9 +268,10 @@ def check_pixel_loss(fn) -> bool:
 
 @torch.no_grad()
 def reference_ddpm_sample(model, x_T: torch.Tensor, timesteps: torch.Tensor, betas: torch.Tensor,
-                          generator: torch.Generator) -> torch.Tensor:
-    """Ancestral sampling from x_T down the given timesteps, predicted x_0 clipped to [-1, 1] as in Ho et al.'s code."""
-    return _wrong_sample(model, x_T, timesteps, betas, generator)
+                          generator: torch.Generator, clip_x0: bool = True) -> torch.Tensor:
+    """Ancestral sampling from x_T down the given timesteps, predicted x_0 clipped to [-1, 1] as in Ho et al.'s code
+    (clip_x0=False: not clipped, as SD's sampler, for notebook 04's experiment)."""
+    return _wrong_sample(model, x_T, timesteps, betas, generator, clip=clip_x0)
 
 
 @torch.no_grad()
@@ -287,7 +317,7 @@ def _sample_outputs(fn: Callable, case: Case) -> torch.Tensor:
                  generator)
     if not isinstance(out, torch.Tensor):
         raise _Failed(f"the sample should be a tensor of the shape of x_T, got {type(out).__name__}"
-                      + _hint_line("return x after the last step"))
+                      + _hint_line("give back x after the last step"))
     return out.detach().float()
 
 
@@ -311,47 +341,45 @@ def _sample_cases() -> list[Case]:
 
 
 def check_ddpm_sampling(fn) -> bool:
-    """fn(model, x_T, timesteps (n,), betas (T,), generator) -> x_0: DDPM's ancestral steps, x_0 clipped to [-1, 1]."""
+    """Exercise 4.2: fn(model, x_T, timesteps (n,), betas (T,), generator) -> x_0, DDPM's steps with x_0 clipped."""
     def wrong(**how):
         return lambda ref, c: _sample_outputs(lambda *a: _wrong_sample(*a, **how), c)
 
     mistakes = [
-        Mistake("after the last timestep the index wraps around: alpha_bar[-1] is the NOISIEST alpha_bar; the "
-                "last step lands on x_0 itself, alpha_bar_prev = 1", wrong(prev="wraps")),
-        Mistake("the noise has variance beta_t and is added at the last step too: this exercise uses beta_tilde_t "
-                "(zero at the last step), and the last step returns the mean, the model's best guess of x_0 "
+        Mistake("after the last timestep the index wraps around to the NOISIEST ᾱ (the end of the table): the "
+                "last step lands on x₀ itself, where ᾱ_prev = 1", wrong(prev="wraps")),
+        Mistake("the noise has variance β_t and is added at the last step too: this exercise uses β̃_t (zero at "
+                "the last step), and the last step gives back the mean, the model's best guess of x₀ "
                 "(Ho et al. 2020, Algorithm 2: z = 0 when t = 1, the paper counting from 1)",
                 wrong(variance="beta", noise_at_end=True)),
-        Mistake("no noise is added: DDPM samples x_prev = mean + sqrt(beta_tilde_t) * z with a fresh z at every "
-                "step but the last", wrong(add_noise=False)),
-        Mistake("the model is given the step's index i, not its timestep t: model(x, t) with t = timesteps[i]",
+        Mistake("no noise is added: DDPM samples x_prev = mean + √β̃_t z with a fresh z at every step but the "
+                "last", wrong(add_noise=False)),
+        Mistake("the model is given the step's index i, not its timestep t (the i-th entry of the run)",
                 wrong(model_t="index")),
         Mistake("t is off by one: the model is given the next timestep of the run; give it the t of the x it sees",
                 wrong(model_t="t_prev")),
-        Mistake("alpha_bar_t is used where the step's alpha_t belongs: alpha_t = alpha_bar_t / alpha_bar_prev "
-                "(= 1 - beta_t when the run visits every timestep)", wrong(alpha="bar")),
-        Mistake("alpha_t = 1 - beta_t of one training step is used, but this run jumps over several timesteps: "
-                "alpha_t = alpha_bar_t / alpha_bar_prev", wrong(alpha="train")),
-        Mistake("alpha_bar_prev is taken at t - 1, but the run jumps to the next of its timesteps: "
-                "alpha_bar_prev = alpha_bar[timesteps[i + 1]] (1 after the last step)", wrong(prev="t_minus_1")),
-        Mistake("the predicted x_0 is not clipped to [-1, 1]: an undertrained model's x_0 overshoots the pixel "
+        Mistake("ᾱ_t is used where the step's α_t belongs: α_t = ᾱ_t / ᾱ_prev (= 1 − β_t when the run visits "
+                "every timestep)", wrong(alpha="bar")),
+        Mistake("α_t = 1 − β_t of one training step is used, but this run jumps over several timesteps: "
+                "α_t = ᾱ_t / ᾱ_prev", wrong(alpha="train")),
+        Mistake("ᾱ_prev is taken at t − 1, but the run jumps to the next of its timesteps: ᾱ_prev is ᾱ at the "
+                "run's next timestep (1 after the last step)", wrong(prev="t_minus_1")),
+        Mistake("the predicted x₀ is not clipped to [−1, 1]: an undertrained model's x₀ overshoots the pixel "
                 "range, and the clipping (in Ho et al.'s code, and diffusers' clip_sample) keeps the run in it",
                 wrong(clip=False)),
-        Mistake("predicted x_0 divides by alpha_bar_t: the square root is missing, "
-                "x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)", wrong(x0_sqrt=False)),
-        Mistake("the model's output is used as x_0: this model predicts the noise; x_0 = (x_t - sqrt(1 - "
-                "alpha_bar_t) eps) / sqrt(alpha_bar_t)", wrong(eps_as_x0=True)),
-        Mistake("the noise is multiplied by the variance beta_tilde_t: multiply it by the standard deviation "
-                "sqrt(beta_tilde_t)", wrong(sqrt_std=False)),
-        Mistake("the noise has variance beta_t (Ho et al.'s other choice, sigma_t^2 = beta_t): this exercise uses "
-                "the posterior's beta_tilde_t = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t",
-                wrong(variance="beta")),
+        Mistake("the predicted x₀ divides by ᾱ_t: the square root is missing, x̂₀ = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t",
+                wrong(x0_sqrt=False)),
+        Mistake("the model's output is used as x₀: this model predicts the noise; x̂₀ = (x_t − √(1 − ᾱ_t) ε̂) / "
+                "√ᾱ_t", wrong(eps_as_x0=True)),
+        Mistake("the noise is multiplied by the variance β̃_t: multiply it by the standard deviation √β̃_t",
+                wrong(sqrt_std=False)),
+        Mistake("the noise has variance β_t (Ho et al.'s other choice, σ_t² = β_t): this exercise uses the "
+                "posterior's β̃_t = (1 − ᾱ_prev) / (1 − ᾱ_t) · β_t", wrong(variance="beta")),
     ]
-    hint = ("for each step i: t = timesteps[i], alpha_bar_prev = alpha_bar[timesteps[i + 1]] (1 after the last); "
-            "alpha_t = alpha_bar_t / alpha_bar_prev, beta_t = 1 - alpha_t; eps = model(x, t); x0 = ((x - sqrt(1 - "
-            "alpha_bar_t) eps) / sqrt(alpha_bar_t)).clamp(-1, 1); mean = sqrt(alpha_bar_prev) beta_t / (1 - alpha_bar_t) "
-            "x0 + sqrt(alpha_t) (1 - alpha_bar_prev) / (1 - alpha_bar_t) x; x = mean + sqrt(beta_tilde_t) * "
-            "torch.randn(x.shape, generator=generator), except after the last step")
+    hint = ("at each step: ᾱ_t at this timestep and ᾱ_prev at the next one (1 after the last); the jump's "
+            "α_t = ᾱ_t / ᾱ_prev and β_t = 1 − α_t; x̂₀ from the predicted noise, clipped to [−1, 1]; the "
+            "posterior mean μ̃(x_t, x̂₀) of section 6; then add √β̃_t times fresh noise from the generator, "
+            "except after the last step")
 
     def describe(c):
         ts = c.inputs["timesteps"]
@@ -360,4 +388,4 @@ def check_ddpm_sampling(fn) -> bool:
 
     return _run_check("check_ddpm_sampling", fn, reference_ddpm_sample, _sample_cases(), _sample_outputs,
                       _compare_samples, mistakes, hint, "Ho et al. 2020, Algorithm 2 (reference_ddpm_sample)",
-                      describe)
+                      describe, exercise="4.2")
