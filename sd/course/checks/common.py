@@ -69,8 +69,8 @@ class Case:
         return fn(*args, **{k: _clone(v) for k, v in self.kwargs.items()})
 
     def describe(self) -> str:
-        parts = [f"{name} {_shape(value)}" for name, value in self.inputs.items()]
-        parts += [f"{name} {value!r}" for name, value in self.kwargs.items()]
+        parts = [f"{name} {_brief(value)}" for name, value in self.inputs.items()]
+        parts += [f"{name} {_brief(value)}" for name, value in self.kwargs.items()]
         return ", ".join(parts)
 
 
@@ -365,6 +365,17 @@ def _listing(items: Sequence[str]) -> str:
 
 def _clone(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _brief(value: Any) -> str:
+    """A tensor's shape, a number's or string's value, else the kind of object (never a module's whole repr)."""
+    if isinstance(value, torch.Tensor):
+        return _shape(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float)) for v in value):
+        return repr(value)
+    return f"<{type(value).__name__}>"
 
 
 def _shape(value: Any) -> str:
