@@ -18,7 +18,7 @@ from sd.attention import explicit_attention
 from sd.course.checks import (check_causal_attention, check_cross_attention, check_scaled_dot_product_attention,
                        check_self_attention, check_softmax, pick, try_check)
 from sd.course.checks.common import copy_weights, randomise_constant_parameters
-from tests.check_helpers import rejects
+from tests.check_helpers import rejects, rejects_unrecognised
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,9 +245,79 @@ def test_checks_pass_a_correct_learner_implementation_written_differently():
 # ---------------------------------------------------------------------------------------------------------
 
 def test_check_softmax_names_overflow_and_wrong_dimension():
-    rejects(check_softmax, lambda x: x.exp() / x.exp().sum(-1, keepdim=True), "NaN", "subtract each row's maximum")
+    message = rejects(check_softmax, lambda x: x.exp() / x.exp().sum(-1, keepdim=True), "NaN", "exp overflows",
+                      "moves by the same amount")
+    assert "maximum" not in message   # the stable trick is the exercise: the message asks, it does not tell
     rejects(check_softmax, lambda x: torch.softmax(x, dim=0), "first dimension")
     rejects(check_softmax, lambda x: (x - x.max()).exp() / (x - x.max()).exp().sum(), "whole tensor")
+
+
+def softmax_shifted_by_global_max(x):
+    e = torch.exp(x - x.max())
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def softmax_shifted_by_mean(x):
+    e = torch.exp(x - x.mean(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def test_check_softmax_names_a_shift_that_is_not_each_rows_maximum():
+    rejects(check_softmax, softmax_shifted_by_global_max, "whole tensor, not of each row", "underflows")
+    rejects(check_softmax, softmax_shifted_by_mean, "shifted by its mean", "exp(296) = inf")
+
+
+def test_check_softmax_sees_underflow_of_very_negative_scores():
+    def literal(x):
+        return x.exp() / x.exp().sum(-1, keepdim=True)
+
+    assert torch.isnan(literal(torch.full((1, 3), -1000.0))).all()   # 0 / 0: why the check has such a row
+    rejects(check_softmax, literal, "underflows")
+
+
+def test_check_softmax_does_not_recognise_a_softmax_at_another_temperature():
+    message = rejects_unrecognised(check_softmax, lambda x: torch.softmax(x / 2, dim=-1), "0.1")
+    assert "max difference" in message
+
+
+def test_attention_checks_point_to_the_hints_on_an_unknown_mistake():
+    def doubled_output(q, k, v):
+        return 2 * explicit_attention(q, k, v)
+
+    def weak_causal_penalty(q, k, v):
+        t = q.shape[-2]
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        s = s - torch.ones(t, t).triu(1)        # the future penalised by 1, not hidden
+        return s.softmax(-1) @ v
+
+    class KeysFromValueProjection(SelfAttentionBase):
+        def forward(self, x, causal=False):
+            q, k, v = self.heads(self.to_q(x)), self.heads(self.to_v(x)), self.heads(self.to_v(x))
+            return self.to_out(explicit_attention(q, k, v, causal=causal).transpose(1, 2).reshape(x.shape))
+
+    class KeysAndValuesSwapped(CrossAttentionBase):
+        def forward(self, x, context):
+            q = self.heads(self.to_q(x))
+            k, v = self.heads(self.to_v(context)), self.heads(self.to_k(context))
+            return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    rejects_unrecognised(check_scaled_dot_product_attention, doubled_output, "1.1")
+    rejects_unrecognised(check_causal_attention, weak_causal_penalty, "1.2")
+    rejects_unrecognised(check_self_attention, KeysFromValueProjection, "1.3")
+    rejects_unrecognised(check_cross_attention, KeysAndValuesSwapped, "1.4")
+
+
+@pytest.mark.parametrize("check, impl", [
+    (check_softmax, lambda x: x.exp() / x.exp().sum(-1, keepdim=True)),
+    (check_scaled_dot_product_attention, attention_without_scale),
+    (check_causal_attention, causal_mask_hides_diagonal),
+    (check_self_attention, SelfAttentionHeadsSplitWrong),
+    (check_cross_attention, CrossAttentionKeysFromX),
+])
+def test_named_mistakes_in_00_and_01_are_said_in_words_not_code(check, impl):
+    from tests.check_helpers import program_text
+    message = rejects(check, impl, "Hint: ")
+    assert program_text(message) is None, message
 
 
 @pytest.mark.parametrize("impl, mistake", [
@@ -299,7 +369,7 @@ def test_check_causal_attention_says_where_nan_comes_from():
     (SelfAttentionNoOutputProjection, "output projection is missing"),
     (SelfAttentionMergedWrong, "merged the wrong way"),
     (SelfAttentionWithResidual, "residual"),
-    (SelfAttentionIgnoresCausal, "ignores causal=True"),
+    (SelfAttentionIgnoresCausal, "ignores its causal flag"),
 ])
 def test_check_self_attention_names_the_mistake(cls, mistake):
     rejects(check_self_attention, cls, "check_self_attention failed", mistake)

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import sd
-from sd.course.checks import (check_reparameterize, check_vae_attention_block, check_vae_decoder, check_vae_downsample,
-                       check_vae_encoder, check_vae_residual_block, pick)
+from sd.course.checks import (check_latent_scale, check_reparameterize, check_vae_attention_block, check_vae_decoder,
+                              check_vae_encoder, check_vae_residual_block, pick)
+from sd.course.checks.vae import measure_latent_scale
 from sd.layers import Upsample
 from sd.vae_blocks import VAE_AttentionBlock, VAE_Downsample, VAE_ResidualBlock
-from tests.check_helpers import rejects
+from sd.training.vae import latent_scale
+from tests.check_helpers import program_text, rejects, rejects_unrecognised
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,9 +102,9 @@ def test_vae_checks_pass_the_reference_with_one_line_each(capsys):
     assert check_vae_residual_block(VAE_ResidualBlock) is True
     assert check_vae_attention_block(VAE_AttentionBlock) is True
     assert check_reparameterize(sd.course.checks.vae.reparameterize) is True
-    assert check_vae_downsample(VAE_Downsample) is True
     assert check_vae_encoder(sd.VAE_Encoder) is True
     assert check_vae_decoder(sd.VAE_Decoder) is True
+    assert check_latent_scale(measure_latent_scale) is True
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6 and all(line.startswith("✅ check_") and " passed: matches " in line for line in lines)
 
@@ -117,7 +119,7 @@ def test_check_vae_residual_block_passes_a_correct_block_written_differently():
     (ResidualBlockReLU, "activation is ReLU"),
     (ResidualBlockConvFirst, "conv, norm, SiLU"),
     (ResidualBlockShortcutNeverBuilt, "conv_shortcut is missing"),
-    (ResidualBlockShortcutNotUsed, "pass x through conv_shortcut"),
+    (ResidualBlockShortcutNotUsed, "pass the input through conv_shortcut"),
     (ResidualBlockShortcutAlways, "conv_shortcut exists although the widths are equal"),
 ])
 def test_check_vae_residual_block_names_the_mistake(cls, mistake):
@@ -235,7 +237,7 @@ def test_check_reparameterize_passes_a_correct_sampler_written_differently():
 @pytest.mark.parametrize("fn, mistake", [
     (sample_unscaled, "latent is not scaled"),
     (sample_logvar_as_std, "log-variance is used as the standard deviation"),
-    (sample_variance_as_std, "exp(logvar) is the variance"),
+    (sample_variance_as_std, "is the variance, not the standard deviation"),
     (sample_unclamped, "not clamped"),
     (sample_fixed_scale, "scale argument is ignored"),
 ])
@@ -271,17 +273,17 @@ class DownsampleNoPadding(Downsample):
         return self.conv(x)
 
 
-def test_check_vae_downsample_passes_a_correct_downsample():
-    assert check_vae_downsample(Downsample)
-
-
-def test_check_vae_downsample_names_symmetric_and_left_top_padding():
-    rejects(check_vae_downsample, DownsampleSymmetric, "left and the top", "symmetric padding", "(0, 1, 0, 1)")
-    rejects(check_vae_downsample, DownsamplePadsLeftTop, "left and the top", "(0, 1, 0, 1)")
-
-
-def test_check_vae_downsample_reports_the_shape_without_padding():
-    rejects(check_vae_downsample, DownsampleNoPadding, "shape (2, 4, 3, 3), expected (2, 4, 4, 4)", "F.pad")
+def test_downsample_padding_on_the_left_gives_the_same_shape_and_other_numbers():
+    """Why the encoder check names symmetric padding: nothing crashes, only the numbers move."""
+    torch.manual_seed(0)
+    right, left = Downsample(4), DownsampleSymmetric(4)
+    left.load_state_dict(right.state_dict())
+    x = torch.randn(1, 4, 8, 8)
+    assert right(x).shape == left(x).shape == (1, 4, 4, 4)
+    assert (right(x) - left(x)).abs().max() > 0.1
+    reference = VAE_Downsample(4)
+    reference.load_state_dict(right.state_dict())
+    torch.testing.assert_close(reference(x), right(x))   # sd pads the right and the bottom
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -449,3 +451,163 @@ def test_the_reference_sampler_is_the_encoders_own():
     torch.testing.assert_close(sd.course.checks.vae.reparameterize(mean, logvar, noise), expected)
     torch.testing.assert_close(sample(mean, logvar, noise), expected)
     assert math.isclose(encoder.config.scaling_factor, 0.18215)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unknown mistakes point to the hints, in words
+# ---------------------------------------------------------------------------------------------------------
+
+class ResidualBlockSkipTwice(ResidualBlock):
+    def forward(self, x):
+        return 2 * super().forward(x) - self.conv2(self.act(self.norm2(self.conv1(self.act(self.norm1(x))))))
+
+
+class AttentionBlockHalfResidual(AttentionBlock):
+    def forward(self, x):
+        return 0.5 * (x + super().forward(x))
+
+
+def sample_noise_doubled(mean, logvar, noise, scale=0.18215):
+    return sample(mean, logvar, None if noise is None else 2 * noise, scale)
+
+
+class EncoderReluOut(Encoder):
+    def forward(self, image, noise=None):
+        x = self.quant_conv(self.conv_out(F.relu(self.norm_out(self.features(image)))))
+        mean, logvar = x.chunk(2, dim=1)
+        return sample(mean, logvar, noise, self.config.scaling_factor)
+
+
+class DecoderWithoutSecondMidBlock(Decoder):
+    def body(self, x):
+        x = self.mid.attn(self.mid.res1(self.conv_in(x)))
+        for level in self.up:
+            for block in level.res:
+                x = block(x)
+            if level.upsample is not None:
+                x = level.upsample(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+def test_vae_checks_point_to_the_hints_on_an_unknown_mistake():
+    rejects_unrecognised(check_vae_residual_block, ResidualBlockSkipTwice, "2.1")
+    rejects_unrecognised(check_vae_attention_block, AttentionBlockHalfResidual, "2.2")
+    rejects_unrecognised(check_reparameterize, sample_noise_doubled, "2.3")
+    rejects_unrecognised(check_vae_encoder, EncoderReluOut, "2.4")
+    rejects_unrecognised(check_vae_decoder, DecoderWithoutSecondMidBlock, "2.5")
+
+
+@pytest.mark.parametrize("check, impl", [
+    (check_vae_residual_block, ResidualBlockShortcutNeverBuilt),
+    (check_vae_residual_block, ResidualBlockShortcutNotUsed),
+    (check_vae_residual_block, ResidualBlockDefaultEps),
+    (check_vae_attention_block, AttentionBlockReshapedWrong),
+    (check_reparameterize, sample_variance_as_std),
+    (check_reparameterize, sample_unclamped),
+    (check_vae_encoder, EncoderSymmetricDownsampling),
+    (check_vae_decoder, DecoderNotUnscaled),
+])
+def test_named_vae_mistakes_are_said_in_words_not_code(check, impl):
+    message = rejects(check, impl, "Hint: ")
+    assert program_text(message) is None, message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring the latent scale
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def scale_of(encoder, images, batch_size):
+    """A correct measurement written differently: unscaled means gathered in a list, std of the whole."""
+    latents = []
+    for start in range(0, len(images), batch_size):
+        latents.append(encoder(images[start:start + batch_size]) / encoder.config.scaling_factor)
+    return float(1 / torch.cat(latents).std())
+
+
+@torch.no_grad()
+def scale_not_unscaled(encoder, images, batch_size):
+    return 1 / torch.cat([encoder(b) for b in images.split(batch_size)]).std().item()
+
+
+@torch.no_grad()
+def scale_returns_sigma(encoder, images, batch_size):
+    return 1 / scale_of(encoder, images, batch_size)
+
+
+@torch.no_grad()
+def scale_per_batch(encoder, images, batch_size):
+    stds = [(encoder(b) / encoder.config.scaling_factor).std().item() for b in images.split(batch_size)]
+    return 1 / (sum(stds) / len(stds))
+
+
+@torch.no_grad()
+def scale_per_batch_inverted_first(encoder, images, batch_size):
+    return sum(1 / (encoder(b) / encoder.config.scaling_factor).std().item()
+               for b in images.split(batch_size)) / len(images.split(batch_size))
+
+
+@torch.no_grad()
+def scale_first_batch(encoder, images, batch_size):
+    return 1 / (encoder(images[:batch_size]) / encoder.config.scaling_factor).std().item()
+
+
+@torch.no_grad()
+def scale_rms(encoder, images, batch_size):
+    z = torch.cat([encoder(b) for b in images.split(batch_size)]) / encoder.config.scaling_factor
+    return 1 / z.square().mean().sqrt().item()
+
+
+@torch.no_grad()
+def scale_all_at_once(encoder, images, batch_size):
+    return 1 / (encoder(images) / encoder.config.scaling_factor).std().item()
+
+
+@torch.no_grad()
+def scale_of_samples(encoder, images, batch_size):
+    z = torch.cat([encoder(b, torch.randn_like(encoder(b))) for b in images.split(batch_size)])
+    return 1 / (z / encoder.config.scaling_factor).std().item()
+
+
+@torch.no_grad()
+def scale_one_over_variance(encoder, images, batch_size):
+    return scale_of(encoder, images, batch_size) ** 2
+
+
+def test_the_reference_measurement_is_the_training_codes():
+    """measure_latent_scale gives what sd.training.vae.latent_scale sets as the small model's factor."""
+    torch.manual_seed(0)
+    encoder = sd.VAE_Encoder(sd.VAEConfig(block_channels=(8, 16), layers_per_block=1, norm_groups=4,
+                                          scaling_factor=0.3)).eval()
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    assert math.isclose(measure_latent_scale(encoder, images, batch_size=4), latent_scale(encoder, images),
+                        rel_tol=1e-5)
+
+
+def test_check_latent_scale_passes_a_measurement_written_differently(capsys):
+    assert check_latent_scale(scale_of) is True
+    assert capsys.readouterr().out.startswith("✅ check_latent_scale passed")
+
+
+@pytest.mark.parametrize("fn, mistake", [
+    (scale_not_unscaled, "not unscaled"),
+    (scale_returns_sigma, "its inverse"),
+    (scale_per_batch, "batches were averaged"),
+    (scale_per_batch_inverted_first, "scales of the batches were averaged"),
+    (scale_first_batch, "only the first batch"),
+    (scale_rms, "root mean square"),
+    (scale_all_at_once, "images at once"),
+    (scale_of_samples, "given noise"),
+])
+def test_check_latent_scale_names_the_mistake(fn, mistake):
+    message = rejects(check_latent_scale, fn, "check_latent_scale failed", mistake)
+    assert program_text(message) is None, message
+
+
+def test_check_latent_scale_wants_a_number():
+    rejects(check_latent_scale, lambda encoder, images, batch_size: [0.5], "should be a number")
+
+
+def test_check_latent_scale_points_to_the_hints_on_an_unknown_mistake():
+    message = rejects_unrecognised(check_latent_scale, scale_one_over_variance, "2.6")
+    assert "your scale is" in message

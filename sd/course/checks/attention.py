@@ -92,19 +92,21 @@ def _qkv_cases() -> list[Case]:
 
 
 _SCALE_MISTAKES = [
-    Mistake("the scores are not scaled: multiply Q K^T by 1/sqrt(d), d = q.shape[-1], before the softmax",
+    Mistake("the scores are not scaled: multiply Q Kᵀ by 1/√d, with d the size of one query (the last "
+            "dimension), before the softmax",
             lambda ref, c: _attend(*c.inputs.values(), scale="none")),
-    Mistake("the scores are divided by d: the scale is 1/sqrt(d), not 1/d",
+    Mistake("the scores are divided by d: the scale is 1/√d, not 1/d",
             lambda ref, c: _attend(*c.inputs.values(), scale="d")),
-    Mistake("the scores are multiplied by sqrt(d): divide by sqrt(d) instead",
+    Mistake("the scores are multiplied by √d: divide by √d instead",
             lambda ref, c: _attend(*c.inputs.values(), scale="times_sqrt_d")),
-    Mistake("the scale uses the sequence length q.shape[-2]: d is the feature size q.shape[-1]",
+    Mistake("the scale uses the sequence length (the number of queries): d is the size of one query, the last "
+            "dimension",
             lambda ref, c: _attend(*c.inputs.values(), scale="sqrt_t")),
-    Mistake("the softmax runs over the queries (dim -2): each query's weights over the keys must sum to 1, "
-            "so take softmax(dim=-1)",
+    Mistake("the softmax runs over the queries (the second-to-last dimension): each query's weights over the "
+            "keys must sum to 1, so normalise over the last dimension",
             lambda ref, c: _attend(*c.inputs.values(), softmax_dim=-2)),
-    Mistake("the softmax runs over dimension 1, the heads (F.softmax without dim= picks it for 4-D tensors): "
-            "pass dim=-1, the keys",
+    Mistake("the softmax runs over dimension 1, the heads (what PyTorch's softmax picks for a 4-D tensor when "
+            "no dimension is given): name the last dimension, the keys",
             lambda ref, c: _attend(*c.inputs.values(), softmax_dim=1)),
 ]
 
@@ -112,13 +114,15 @@ _SCALE_MISTAKES = [
 def check_scaled_dot_product_attention(fn) -> bool:
     """Exercise 1.1: fn(q, k, v) = softmax(Q K^T / sqrt(d)) V for q (B, H, Tq, d), k and v (B, H, Tk, d)."""
     mistakes = _SCALE_MISTAKES + [
-        Mistake("you returned the attention weights (B, H, Tq, Tk): multiply them by v to get the output",
+        Mistake("you returned the attention weights (B, H, Tq, Tk): the output averages the values with them, "
+                "(B, H, Tq, d)",
                 lambda ref, c: (c.inputs["q"] @ c.inputs["k"].transpose(-2, -1)
                                 / math.sqrt(c.inputs["q"].shape[-1])).softmax(-1)),
     ]
     return check_function("check_scaled_dot_product_attention", fn, explicit_attention, _qkv_cases(), mistakes,
-                          hint="compute scores = q @ k.transpose(-2, -1) / sqrt(d), softmax over the last "
-                               "dimension, then weights @ v")
+                          exercise="1.1",
+                          hint="the scores are every query's dot product with every key, times 1/√d; the softmax "
+                               "over the keys turns them into weights; the output is the weighted mean of the values")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,26 +143,26 @@ def check_causal_attention(fn) -> bool:
         return lambda ref, c: _attend(*c.inputs.values(), **how)
 
     mistakes = [
-        Mistake("no causal mask: token i must not see tokens i+1, i+2, ... (mask the strict upper triangle "
-                "of the scores with -inf)", wrong(mask=None)),
-        Mistake("the mask is applied after the softmax: set the future scores to -inf BEFORE the softmax, "
+        Mistake("no causal mask: token i must not see tokens i+1, i+2, ... (give the strict upper triangle "
+                "of the scores, key j > query i, a score of -∞)", wrong(mask=None)),
+        Mistake("the mask is applied after the softmax: set the future scores to -∞ BEFORE the softmax, "
                 "so each row of weights still sums to 1", wrong(mask="after_softmax")),
         Mistake("the mask is off by one and hides the diagonal too, so token 0 sees nothing: a row where every "
-                "score is -inf gives NaN after the softmax; token i may see itself (torch.ones(T, T).triu(1), "
-                "diagonal=1)", wrong(mask="diagonal")),
-        Mistake("the mask is off by one and lets token i see token i+1: hide triu(1), not triu(2)",
-                wrong(mask="next")),
+                "score is -inf gives NaN after the softmax; token i may see itself (hide only j > i, the triangle "
+                "strictly above the diagonal)", wrong(mask="diagonal")),
+        Mistake("the mask is off by one and lets token i see token i+1: hide every key j > i, the triangle "
+                "starting just above the diagonal", wrong(mask="next")),
         Mistake("the mask is inverted: it hides the past; token i must see 0..i and not i+1 ... T-1",
                 wrong(mask="past")),
         Mistake("the future scores are set to 0, not -inf: exp(0) = 1 still gives them weight",
                 wrong(mask="zero")),
-        Mistake("the masked scores are not scaled: multiply Q K^T by 1/sqrt(d) before masking and the softmax",
+        Mistake("the masked scores are not scaled: multiply Q Kᵀ by 1/√d before masking and the softmax",
                 wrong(mask="future", scale="none")),
     ]
-    return check_function("check_causal_attention", fn, _causal_reference, cases, mistakes,
-                          reference_name="sd.attention.explicit_attention(causal=True)",
-                          hint="scores = q @ k^T / sqrt(d); scores.masked_fill(future, -inf) with "
-                               "future = torch.ones(T, T, dtype=torch.bool).triu(1); then softmax and @ v")
+    return check_function("check_causal_attention", fn, _causal_reference, cases, mistakes, exercise="1.2",
+                          reference_name="causal attention (sd.attention.explicit_attention, causal)",
+                          hint="scaled scores as in exercise 1.1; every key j after its query i (j > i) gets the "
+                               "score -∞ before the softmax, so its weight is exactly 0")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,24 +179,24 @@ def _head_mistakes(context_key: str | None) -> list[Mistake]:
         return compute
 
     return [
-        Mistake("the scores are not scaled: multiply Q K^T by 1/sqrt(d) with d the head size C/H", wrong(scale="none")),
-        Mistake("the scale uses the full width C: it is 1/sqrt(C/H), the size of one head",
+        Mistake("the scores are not scaled: multiply Q Kᵀ by 1/√d with d the head size C/H", wrong(scale="none")),
+        Mistake("the scale uses the full width C: it is 1/√(C/H), with C/H the size of one head",
                 wrong(head_scale_width=True)),
-        Mistake("the heads are split the wrong way: view (B, T, C) as (B, T, H, C/H) and then transpose(1, 2) "
-                "to (B, H, T, C/H); a direct view to (B, H, T, C/H) mixes positions into the heads",
-                wrong(split="view_bhtd", merge="reshape")),
-        Mistake("the heads are split the wrong way: view (B, T, C) as (B, T, H, C/H) and then transpose(1, 2) "
-                "to (B, H, T, C/H); a direct view to (B, H, T, C/H) mixes positions into the heads",
-                wrong(split="view_bhtd")),
-        Mistake("the heads are merged the wrong way: transpose (B, H, T, C/H) back to (B, T, H, C/H) "
-                "before reshaping to (B, T, C)", wrong(merge="reshape")),
-        Mistake("the output projection is missing: return self.to_out(out)", wrong(out_proj=False)),
+        Mistake("the heads are split the wrong way: cut the features of each token, (B, T, C) -> (B, T, H, C/H), "
+                "then swap the token and head axes to (B, H, T, C/H); reading (B, T, C) directly as (B, H, T, C/H) "
+                "mixes positions into the heads", wrong(split="view_bhtd", merge="reshape")),
+        Mistake("the heads are split the wrong way: cut the features of each token, (B, T, C) -> (B, T, H, C/H), "
+                "then swap the token and head axes to (B, H, T, C/H); reading (B, T, C) directly as (B, H, T, C/H) "
+                "mixes positions into the heads", wrong(split="view_bhtd")),
+        Mistake("the heads are merged the wrong way: swap the axes back, (B, H, T, C/H) -> (B, T, H, C/H), "
+                "before joining the heads into (B, T, C)", wrong(merge="reshape")),
+        Mistake("the output projection is missing: the merged heads go through to_out", wrong(out_proj=False)),
         Mistake("the input is added to the output: this module returns only the attention; the residual "
-                "x + ... belongs to the block around it", wrong(residual=True)),
+                "connection belongs to the block around it", wrong(residual=True)),
         Mistake("the input is not split into heads: one head over the whole width is a different function; "
                 "split (B, T, C) into n_heads heads of C/H features", wrong(split="one_head")),
-        Mistake("the softmax runs over the queries (dim -2): take softmax(dim=-1), over the keys",
-                wrong(softmax_dim=-2)),
+        Mistake("the softmax runs over the queries (the second-to-last dimension): normalise over the keys, "
+                "the last dimension", wrong(softmax_dim=-2)),
     ]
 
 
@@ -208,11 +212,13 @@ def check_self_attention(cls) -> bool:
         return _multi_head(ref, c.inputs["x"], c.inputs["x"], causal=False) if c.kwargs.get("causal") else None
 
     mistakes = _head_mistakes(None) + [
-        Mistake("forward ignores causal=True: pass it on to the attention (token i may only see 0..i)",
+        Mistake("forward ignores its causal flag: when it is true, pass it on to the attention (token i may only "
+                "see 0..i)",
                 ignores_causal)]
-    return check_module("check_self_attention", cls, SelfAttention, cases, mistakes,
-                        hint="q, k, v = to_q(x), to_k(x), to_v(x); split each into heads "
-                             "(B, T, C) -> (B, H, T, C/H); attend; merge back to (B, T, C); to_out")
+    return check_module("check_self_attention", cls, SelfAttention, cases, mistakes, exercise="1.3",
+                        hint="queries, keys and values from x through their projections; each split into heads "
+                             "(B, T, C) -> (B, H, T, C/H); attention per head; heads merged back to (B, T, C); "
+                             "the output projection")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,12 +241,12 @@ def check_cross_attention(cls) -> bool:
 
     mistakes = [
         Mistake("the keys and values come from x: in cross-attention they come from the context "
-                "(k = to_k(context), v = to_v(context)); only the queries come from x", wrong(keys_from="x")),
+                "(projected by to_k and to_v); only the queries come from x", wrong(keys_from="x")),
         Mistake("the queries come from the context: queries come from x (one output per image token), "
                 "keys and values from the context", wrong(queries_from="context")),
-        Mistake("the queries come from the context and the keys from x: swap them, q = to_q(x), "
-                "k = to_k(context), v = to_v(context)", wrong(queries_from="context", keys_from="x")),
+        Mistake("the queries come from the context and the keys from x: swap them; queries from x, keys and "
+                "values from the context", wrong(queries_from="context", keys_from="x")),
     ] + _head_mistakes("context")
-    return check_module("check_cross_attention", cls, CrossAttention, cases, mistakes,
-                        hint="q = to_q(x) (B, T, C); k = to_k(context), v = to_v(context) (B, S, C); "
-                             "split into heads, attend, merge, to_out")
+    return check_module("check_cross_attention", cls, CrossAttention, cases, mistakes, exercise="1.4",
+                        hint="queries from x (B, T, C); keys and values from the context, projected to (B, S, C); "
+                             "split into heads, attend, merge, then the output projection")

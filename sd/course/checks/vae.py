@@ -1,8 +1,8 @@
-"""Checks for notebook 02 (the VAE): residual block, attention block, reparameterization, downsampling, encoder, decoder.
+"""Checks for notebook 02 (the VAE): residual block, attention block, reparameterization, encoder, decoder, latent scale.
 
 Each check compares with `sd.vae_blocks`, `sd.encoder` and `sd.decoder`; the `Mistake`s below recompute the
 reference the typical wrong ways (GroupNorm eps 1e-5, no skip connection, logvar used as the standard deviation,
-symmetric padding, no 0.18215, ...), so a wrong answer is named, not just reported.
+symmetric padding, no 0.18215, ...), so a wrong answer is named, not just reported. Every message is words or maths.
 """
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ...config import LATENT_SCALE, VAEConfig
 from ...decoder import VAE_Decoder
 from ...encoder import LOGVAR_MAX, LOGVAR_MIN, VAE_Encoder
-from ...vae_blocks import VAE_NORM_EPS, VAE_AttentionBlock, VAE_Downsample, VAE_ResidualBlock
-from .common import Case, Mistake, check_function, check_module, randn, seeded
+from ...vae_blocks import VAE_NORM_EPS, VAE_AttentionBlock, VAE_ResidualBlock
+from .common import (Case, Mistake, _hint_line, _unknown_mistake, check_function, check_module, randn,
+                     require_callable, seeded)
 
 # PyTorch's default GroupNorm epsilon: what nn.GroupNorm(groups, channels) uses when eps is not given.
 TORCH_NORM_EPS = 1e-5
@@ -70,14 +72,14 @@ def _residual(ref, x, eps: float = VAE_NORM_EPS, act: str = "silu", order: str =
 
 _SHORTCUT_HINTS = [
     (("missing in yours: conv_shortcut",),
-     "conv_shortcut is missing: when in_channels != out_channels the skip x must change width too, through a "
-     "1x1 convolution nn.Conv2d(in_channels, out_channels, 1), before it is added to h"),
+     "conv_shortcut is missing: when the input and output widths differ, the skip must change width too, "
+     "through a 1×1 convolution from the input width to the output width, before it is added"),
     (("unexpected in yours: conv_shortcut",),
-     "conv_shortcut exists although the widths are equal: create it only when in_channels != out_channels "
-     "(SD's checkpoint has no shortcut weights there: the skip is x itself); set it to None otherwise"),
+     "conv_shortcut exists although the widths are equal: create it only when the widths differ "
+     "(SD's checkpoint has no shortcut weights there: the skip is the input itself); store None otherwise"),
     (("raised RuntimeError", "must match the size"),
-     "x and h have different widths when in_channels != out_channels: pass x through conv_shortcut (the 1x1 "
-     "convolution) before adding it, skip = conv_shortcut(x)"),
+     "the input and the convolutions' output have different widths when the block changes width: pass the "
+     "input through conv_shortcut (the 1×1 convolution) before adding it"),
 ]
 
 
@@ -93,23 +95,24 @@ def check_vae_residual_block(cls) -> bool:
         return lambda ref, c: _residual(ref, c.inputs["x"], **how)
 
     mistakes = [
-        Mistake("the GroupNorm epsilon is PyTorch's default 1e-5: SD's VAE uses eps=1e-6 in every GroupNorm "
-                "(nn.GroupNorm(groups, channels, eps=1e-6)); it matters on flat, low-contrast regions",
+        Mistake("the GroupNorm epsilon is PyTorch's default 1e-5: SD's VAE uses ε = 1e-6 in every GroupNorm "
+                "(VAE_NORM_EPS); it matters on flat, low-contrast regions",
                 wrong(eps=TORCH_NORM_EPS)),
-        Mistake("the skip connection is missing: return skip + h, where skip is x (or conv_shortcut(x))",
+        Mistake("the skip connection is missing: add the block's input (through conv_shortcut when the width "
+                "changes) to the convolutions' output",
                 wrong(skip="none")),
-        Mistake("the skip starts from the normalised input: add the block's input x itself, "
-                "not norm1(x)", wrong(skip="normed")),
-        Mistake("the activation is ReLU: SD uses SiLU, x * sigmoid(x) (F.silu)", wrong(act="relu")),
+        Mistake("the skip starts from the normalised input: add the block's input itself, "
+                "not its GroupNorm", wrong(skip="normed")),
+        Mistake("the activation is ReLU: SD uses SiLU, x·sigmoid(x)", wrong(act="relu")),
         Mistake("the activation is missing: each unit is GroupNorm, then SiLU, then the convolution",
                 wrong(act="none")),
-        Mistake("the order is conv, norm, SiLU: SD's blocks are pre-activation, norm -> SiLU -> conv, twice",
+        Mistake("the order is conv, norm, SiLU: SD's blocks are pre-activation, norm, then SiLU, then conv, twice",
                 wrong(order="conv_norm_act")),
     ]
     return _with_pointed_hints(
-        lambda: check_module("check_vae_residual_block", cls, VAE_ResidualBlock, cases, mistakes,
-                             hint="h = conv1(silu(norm1(x))); h = conv2(silu(norm2(h))); return skip + h with "
-                                  "skip = x, or conv_shortcut(x) when the widths differ; GroupNorm eps=1e-6"),
+        lambda: check_module("check_vae_residual_block", cls, VAE_ResidualBlock, cases, mistakes, exercise="2.1",
+                             hint="norm, SiLU, 3×3 conv, twice, plus the input (through the 1×1 shortcut when the "
+                                  "width changes); GroupNorm ε = 1e-6"),
         _SHORTCUT_HINTS)
 
 
@@ -151,29 +154,29 @@ def check_vae_attention_block(cls) -> bool:
         return lambda ref, c: _vae_attention(ref, c.inputs["x"], **how)
 
     mistakes = [
-        Mistake("the residual connection is missing: return x + out (the block's input plus the attention)",
+        Mistake("the residual connection is missing: the block returns its input plus the attention's output",
                 wrong(residual="none")),
-        Mistake("the residual adds the normalised input: return x + out with x the block's input, "
-                "not group_norm(x)", wrong(residual="normed")),
-        Mistake("the GroupNorm is skipped: normalise x with self.group_norm before q, k, v",
+        Mistake("the residual adds the normalised input: add the block's input itself, not its GroupNorm",
+                wrong(residual="normed")),
+        Mistake("the GroupNorm is skipped: normalise the input with group_norm before the projections",
                 wrong(norm=False)),
-        Mistake("the GroupNorm epsilon is 1e-5: SD's VAE uses eps=1e-6", wrong(eps=TORCH_NORM_EPS)),
-        Mistake("the scores are not scaled: multiply Q K^T by 1/sqrt(C) (one head of C channels)",
+        Mistake("the GroupNorm epsilon is 1e-5: SD's VAE uses ε = 1e-6", wrong(eps=TORCH_NORM_EPS)),
+        Mistake("the scores are not scaled: multiply Q Kᵀ by 1/√C (one head of C channels)",
                 wrong(scale="none")),
-        Mistake("the scores are divided by C: the scale is 1/sqrt(C)", wrong(scale="c")),
-        Mistake("the pixels are made tokens the wrong way: view (B, C, H, W) as (B, C, H*W) and then "
-                "transpose(1, 2) to (B, H*W, C); a direct reshape to (B, H*W, C) mixes channels and pixels",
+        Mistake("the scores are divided by C: the scale is 1/√C", wrong(scale="c")),
+        Mistake("the pixels are made tokens the wrong way: flatten (B, C, H, W) to (B, C, H·W), then swap the "
+                "last two axes to (B, H·W, C); reading the memory directly as (B, H·W, C) mixes channels and pixels",
                 wrong(tokens="no_transpose")),
-        Mistake("the output is turned back into an image the wrong way: transpose (B, H*W, C) to (B, C, H*W) "
-                "before reshaping to (B, C, H, W)", wrong(tokens="back_no_transpose")),
-        Mistake("the softmax runs over the queries (dim -2): each pixel's weights over the others must sum "
-                "to 1, softmax(dim=-1)", wrong(softmax_dim=-2)),
-        Mistake("the output projection is missing: apply self.to_out to the attention's output",
+        Mistake("the output is turned back into an image the wrong way: swap (B, H·W, C) to (B, C, H·W) "
+                "before unflattening to (B, C, H, W)", wrong(tokens="back_no_transpose")),
+        Mistake("the softmax runs over the queries (the second-to-last dimension): each pixel's weights over the "
+                "others must sum to 1, over the last dimension", wrong(softmax_dim=-2)),
+        Mistake("the output projection is missing: the attention's output goes through to_out",
                 wrong(out_proj=False)),
     ]
-    return check_module("check_vae_attention_block", cls, VAE_AttentionBlock, cases, mistakes,
-                        hint="h = group_norm(x) as tokens (B, C, H*W) -> (B, H*W, C); softmax(q k^T / sqrt(C)) v; "
-                             "to_out; back to (B, C, H, W); return x + h")
+    return check_module("check_vae_attention_block", cls, VAE_AttentionBlock, cases, mistakes, exercise="2.2",
+                        hint="GroupNorm; pixels as tokens (B, H·W, C); one-head attention softmax(Q Kᵀ/√C) V; the "
+                             "output projection; back to (B, C, H, W); plus the block's input")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,7 +208,7 @@ def _reparam(mean, logvar, noise, scale, std: str = "exp_half", clamp: bool = Tr
 
 
 def check_reparameterize(fn) -> bool:
-    """Exercise 2.3: fn(mean, logvar, noise, scale=0.18215) = (mean + exp(logvar/2) * noise) * scale, clamped logvar."""
+    """Exercise 2.3: fn(mean, logvar, noise, scale=0.18215) -> a scaled latent of mean's shape (noise None: the mean)."""
     with seeded(12):
         wide = randn(1, 4, 3, 3) * 4           # log-variances from about -12 to 12
         wide[0, 0, 0, :2] = torch.tensor([25.0, -40.0])   # outside [-30, 20]: the clamp must act
@@ -219,59 +222,33 @@ def check_reparameterize(fn) -> bool:
         return lambda ref, c: _reparam(*c.inputs.values(), c.kwargs.get("scale", LATENT_SCALE), **how)
 
     mistakes = [
-        Mistake("the latent is not scaled: multiply by scale (0.18215 for SD) so the latents have about unit "
+        Mistake("the latent is not scaled: multiply by the scale (0.18215 for SD) so the latents have about unit "
                 "variance, as the diffusion model expects", wrong(scaled="none")),
-        Mistake("only the mean is scaled: scale the whole sample, (mean + std * noise) * scale",
+        Mistake("only the mean is scaled: scale the whole sample, (μ + σ·ε)·scale",
                 wrong(scaled="mean")),
-        Mistake("the latent is divided by the scale: the encoder multiplies by it (the decoder divides)",
-                wrong(scaled="divide")),
-        Mistake("the log-variance is used as the standard deviation: std = exp(logvar / 2)",
+        Mistake("the latent is divided by the scale: in this package the encoder multiplies by it (the decoder "
+                "divides)", wrong(scaled="divide")),
+        Mistake("the log-variance is used as the standard deviation: σ = exp(½·log σ²)",
                 wrong(std="logvar")),
-        Mistake("exp(logvar) is the variance, not the standard deviation: std = exp(logvar / 2)",
+        Mistake("exp(log σ²) is the variance, not the standard deviation: σ = exp(½·log σ²)",
                 wrong(std="exp")),
-        Mistake("the log-variance is not clamped: logvar.clamp(-30, 20) first, as SD does (huge values "
-                "would blow the sample up)", wrong(clamp=False)),
+        Mistake("the log-variance is not clamped to [−30, 20] first, as SD does (huge values would blow the "
+                "sample up)", wrong(clamp=False)),
     ]
 
     def ignores_scale(ref, c):   # 0.18215 written in, the `scale` argument ignored
         return _reparam(*c.inputs.values(), LATENT_SCALE) if "scale" in c.kwargs else None
 
-    mistakes.append(Mistake("the scale argument is ignored (0.18215 written in): multiply by `scale`; the "
-                            "course's small model has its own factor", ignores_scale))
-    return check_function("check_reparameterize", fn, reparameterize, cases, mistakes,
+    mistakes.append(Mistake("the scale argument is ignored (0.18215 written in): multiply by the scale you are "
+                            "given; the course's small model has its own factor", ignores_scale))
+    return check_function("check_reparameterize", fn, reparameterize, cases, mistakes, exercise="2.3",
                           reference_name="the sampling of sd.encoder.VAE_Encoder.forward",
-                          hint="noise None: return mean * scale; else logvar = logvar.clamp(-30, 20), "
-                               "std = exp(logvar / 2), return (mean + std * noise) * scale")
+                          hint="without noise, the scaled mean; with noise, the scaled sample μ + σ·ε, σ computed "
+                               "from the clamped log-variance")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 2.4: the downsampling
-# ----------------------------------------------------------------------------------------------------------
-
-def check_vae_downsample(cls) -> bool:
-    """Exercise 2.4: cls(channels) with a 3x3 stride-2 conv without padding; forward pads right and bottom first."""
-    with seeded(13):
-        cases = [Case({"x": randn(2, 4, 8, 8)}, init={"channels": 4}),
-                 Case({"x": randn(1, 8, 6, 10)}, init={"channels": 8})]
-
-    def padded(pad, mode="constant"):
-        return lambda ref, c: F.conv2d(F.pad(c.inputs["x"], pad, mode=mode), ref.conv.weight, ref.conv.bias,
-                                       stride=2)
-
-    mistakes = [
-        Mistake("the padding is on the left and the top (what symmetric padding, or padding=1 in the conv, "
-                "amounts to here): SD pads only the right and the bottom, F.pad(x, (0, 1, 0, 1)), F.pad's tuple "
-                "being (left, right, top, bottom); same shape, other numbers", padded(PAD_SYMMETRIC)),
-        Mistake("the padding repeats the edge pixels: pad with zeros (F.pad's default mode)",
-                padded(PAD_RIGHT_BOTTOM, mode="replicate")),
-    ]
-    return check_module("check_vae_downsample", cls, VAE_Downsample, cases, mistakes,
-                        hint="return self.conv(F.pad(x, (0, 1, 0, 1))): one zero column on the right and one "
-                             "zero row at the bottom, then the 3x3 stride-2 convolution; (H, W) -> (H/2, W/2)")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Exercises 2.5 and 2.6: the encoder and the decoder, assembled from the blocks
+# Exercises 2.4 and 2.5: the encoder and the decoder, assembled from the blocks
 # ----------------------------------------------------------------------------------------------------------
 
 # Small configurations with SD's structure: a width change between levels, 2 or 3 downsamplings.
@@ -303,7 +280,7 @@ def _encode(ref, image, noise, pad=PAD_RIGHT_BOTTOM, attn: bool = True, silu_out
 
 
 def check_vae_encoder(cls) -> bool:
-    """Exercise 2.5: cls(config); forward(image (B, 3, H, W), noise=None) -> scaled latent (B, 4, H/f, W/f)."""
+    """Exercise 2.4: cls(config); forward(image (B, 3, H, W), noise=None) -> scaled latent (B, 4, H/f, W/f)."""
     with seeded(14):
         cases = [Case({"image": randn(2, 3, 16, 16)}, init={"config": ENCODER_CONFIGS[0]}),
                  Case({"image": randn(1, 3, 16, 24), "noise": randn(1, 4, 2, 3)}, init={"config": ENCODER_CONFIGS[1]})]
@@ -312,25 +289,26 @@ def check_vae_encoder(cls) -> bool:
         return lambda ref, c: _encode(ref, c.inputs["image"], c.inputs.get("noise"), **how)
 
     mistakes = [
-        Mistake("the downsampling pads the left and the top (symmetric padding, or padding=1 in the conv): SD pads "
-                "the right and the bottom only, F.pad(x, (0, 1, 0, 1)), then the stride-2 conv",
-                wrong(pad=PAD_SYMMETRIC)),
-        Mistake("the latent is not scaled: the encoder returns reparameterize(mean, logvar, noise, "
-                "self.config.scaling_factor)", wrong(scale=1.0)),
-        Mistake("the scale is 0.18215 whatever the config: pass self.config.scaling_factor (the course's small "
+        Mistake("the downsampling pads the left and the top (symmetric padding, or a padding of 1 inside the "
+                "convolution): SD pads one column on the right and one row at the bottom only, then the stride-2 "
+                "convolution; use the given downsample modules", wrong(pad=PAD_SYMMETRIC)),
+        Mistake("the latent is not scaled: the encoder's sample is multiplied by the config's scaling factor "
+                "(exercise 2.3 does it)", wrong(scale=1.0)),
+        Mistake("the scale is 0.18215 whatever the config: use the config's scaling factor (the course's small "
                 "model has its own)", wrong(scale=LATENT_SCALE)),
-        Mistake("the mid block's attention is skipped: mid.res1, then mid.attn, then mid.res2", wrong(attn=False)),
+        Mistake("the mid block's attention is skipped: the mid block is res1, then attn, then res2",
+                wrong(attn=False)),
         Mistake("the SiLU before conv_out is missing: norm_out, SiLU, conv_out", wrong(silu_out=False)),
-        Mistake("quant_conv is skipped: its 1x1 convolution turns conv_out's 8 channels into mean and logvar",
+        Mistake("quant_conv is skipped: its 1×1 convolution turns conv_out's 8 channels into mean and log-variance",
                 wrong(quant=False)),
-        Mistake("mean and logvar are swapped: the first 4 channels are the mean, x.chunk(2, dim=1) gives "
-                "(mean, logvar)", wrong(swap=True)),
-        Mistake("the noise is ignored: with noise, sample mean + std * noise", wrong(use_noise=False)),
+        Mistake("mean and log-variance are swapped: the first 4 channels are the mean, the last 4 the "
+                "log-variance", wrong(swap=True)),
+        Mistake("the noise is ignored: with noise, sample μ + σ·ε", wrong(use_noise=False)),
     ]
-    return check_module("check_vae_encoder", cls, VAE_Encoder, cases, mistakes,
-                        hint="conv_in; for each level: its res blocks, then its downsample (if any); mid.res1, "
-                             "mid.attn, mid.res2; norm_out, SiLU, conv_out; quant_conv; mean, logvar = chunk(2, dim=1); "
-                             "reparameterize with self.config.scaling_factor")
+    return check_module("check_vae_encoder", cls, VAE_Encoder, cases, mistakes, exercise="2.4",
+                        hint="conv_in; each level's residual blocks, then its downsample (if it has one); the mid "
+                             "block; norm_out, SiLU, conv_out; quant_conv; the 8 channels split into mean and "
+                             "log-variance; the sample scaled by the config's factor")
 
 
 def _decode(ref, latent, unscale: str = "divide", post_quant: bool = True, attn: bool = True,
@@ -349,7 +327,7 @@ def _decode(ref, latent, unscale: str = "divide", post_quant: bool = True, attn:
 
 
 def check_vae_decoder(cls) -> bool:
-    """Exercise 2.6: cls(config); forward(latent (B, 4, h, w)) -> image (B, 3, f*h, f*w) in about [-1, 1]."""
+    """Exercise 2.5: cls(config); forward(latent (B, 4, h, w)) -> image (B, 3, f*h, f*w) in about [-1, 1]."""
     with seeded(15):
         cases = [Case({"latent": randn(2, 4, 2, 2)}, init={"config": ENCODER_CONFIGS[0]}),
                  Case({"latent": randn(1, 4, 2, 3)}, init={"config": ENCODER_CONFIGS[1]})]
@@ -358,19 +336,128 @@ def check_vae_decoder(cls) -> bool:
         return lambda ref, c: _decode(ref, c.inputs["latent"], **how)
 
     mistakes = [
-        Mistake("the latent is not divided by the scale: undo the encoder's scaling first, "
-                "latent / self.config.scaling_factor", wrong(unscale="none")),
+        Mistake("the latent is not divided by the scale: undo the encoder's scaling first (divide by the "
+                "config's scaling factor)", wrong(unscale="none")),
         Mistake("the latent is multiplied by the scale: the encoder multiplied, the decoder divides",
                 wrong(unscale="multiply")),
-        Mistake("the scale is 0.18215 whatever the config: divide by self.config.scaling_factor",
+        Mistake("the scale is 0.18215 whatever the config: divide by the config's scaling factor",
                 wrong(scale=LATENT_SCALE)),
         Mistake("post_quant_conv is skipped: after unscaling, post_quant_conv, then conv_in",
                 wrong(post_quant=False)),
-        Mistake("the mid block's attention is skipped: mid.res1, then mid.attn, then mid.res2", wrong(attn=False)),
+        Mistake("the mid block's attention is skipped: the mid block is res1, then attn, then res2",
+                wrong(attn=False)),
         Mistake("the SiLU before conv_out is missing: norm_out, SiLU, conv_out", wrong(silu_out=False)),
-        Mistake("the output is clamped: the decoder returns the raw values (about [-1, 1]); clamp only when "
+        Mistake("the output is clamped: the decoder returns the raw values (about [−1, 1]); clamp only when "
                 "turning them into a picture", wrong(clamp=True)),
     ]
-    return check_module("check_vae_decoder", cls, VAE_Decoder, cases, mistakes,
-                        hint="x = latent / self.config.scaling_factor; post_quant_conv; conv_in; mid.res1, "
-                             "mid.attn, mid.res2; each level of self.up (widest first); norm_out, SiLU, conv_out")
+    return check_module("check_vae_decoder", cls, VAE_Decoder, cases, mistakes, exercise="2.5",
+                        hint="divide by the config's scaling factor; post_quant_conv; conv_in; the mid block; each "
+                             "up level (widest first); norm_out, SiLU, conv_out")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exercise 2.6: measuring the latent scale
+# ----------------------------------------------------------------------------------------------------------
+
+# The measured scale must match the reference's to this relative tolerance (a float32 standard deviation).
+SCALE_RTOL = 1e-4
+# Small encoders of SD's structure with a scale that is not 1, and batches that do not divide the images evenly.
+SCALE_CASES = ((VAEConfig(block_channels=(8, 16), layers_per_block=1, norm_groups=4, scaling_factor=0.5), 10, 4),
+               (VAEConfig(block_channels=(8, 8, 16), layers_per_block=1, norm_groups=4), 7, 3))
+
+
+@torch.no_grad()
+def measure_latent_scale(encoder: nn.Module, images: torch.Tensor, batch_size: int) -> float:
+    """1 / std of the unscaled posterior means of `images`, encoded `batch_size` at a time (the reference of 2.6)."""
+    means = [encoder(batch) / encoder.config.scaling_factor for batch in images.split(batch_size)]
+    return 1.0 / torch.cat(means).float().std().item()
+
+
+class _WatchedEncoder(nn.Module):
+    """An encoder that records the batch size and whether noise was given, call by call."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.config, self.calls = inner, inner.config, []
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls.append((image.shape[0], noise is not None))
+        return self.inner(image, noise)
+
+
+def _scale_mistakes(encoder: nn.Module, images: torch.Tensor, batch_size: int) -> list[tuple[str, float]]:
+    """(what went wrong, the value it gives) for the typical wrong measurements."""
+    s = encoder.config.scaling_factor
+    with torch.no_grad():
+        batches = [encoder(b) for b in images.split(batch_size)]
+    scaled = torch.cat(batches)
+    unscaled = scaled / s
+    per_channel = unscaled.transpose(0, 1).flatten(1).std(dim=1)
+    return [
+        ("the latents were not unscaled: the encoder's output is already multiplied by its scale, so this measures "
+         "1/(scale·σ); divide the latents by the config's scaling factor first", 1 / scaled.std().item()),
+        ("you returned the standard deviation σ of the latents: the scale is its inverse, 1/σ",
+         unscaled.std().item()),
+        ("you returned σ of the scaled latents: undo the scale, then invert the standard deviation",
+         scaled.std().item()),
+        ("the standard deviations of the batches were averaged: take the standard deviation of all the latents "
+         "together (batches of different sizes and contents weigh differently)",
+         1 / torch.stack([(b / s).std() for b in batches]).mean().item()),
+        ("the scales of the batches were averaged: take one standard deviation of all the latents together, "
+         "then invert it", torch.stack([1 / (b / s).std() for b in batches]).mean().item()),
+        ("only the first batch was measured: encode every image, batch after batch",
+         1 / (batches[0] / s).std().item()),
+        ("the root mean square about 0 was taken: the standard deviation is about the latents' mean, which is "
+         "not 0", 1 / unscaled.pow(2).mean().sqrt().item()),
+        ("the channels' standard deviations were averaged: one factor scales all 4 channels, so take the "
+         "standard deviation of all the numbers together", 1 / per_channel.mean().item()),
+    ]
+
+
+def check_latent_scale(fn) -> bool:
+    """Exercise 2.6: fn(encoder, images (N, 3, H, W), batch_size) -> float, 1 / std of the unscaled latents."""
+    name = "check_latent_scale"
+    require_callable(name, fn, "a function")
+    worst = 0.0
+    with torch.random.fork_rng(devices=[]):
+        for i, (config, n_images, batch_size) in enumerate(SCALE_CASES):
+            with seeded(16 + i):
+                reference_encoder = VAE_Encoder(config).eval()
+                images = randn(n_images, 3, 16, 16).clamp(-1, 1)
+            expected = measure_latent_scale(reference_encoder, images, batch_size)
+            watched = _WatchedEncoder(reference_encoder)
+            where = (f"{name} failed on input {i + 1} of {len(SCALE_CASES)} ({n_images} images "
+                     f"{tuple(images.shape[1:])}, batch size {batch_size}, encoder scale {config.scaling_factor:g})")
+            try:
+                got = fn(watched, images.clone(), batch_size)
+            except NotImplementedError:
+                raise
+            except Exception as e:
+                raise AssertionError(f"{where}: your code raised {type(e).__name__}: {e}"
+                                     + _hint_line("call the encoder on each batch of images; it returns the scaled "
+                                                  "posterior means (no noise)") + _unknown_mistake("2.6")) from e
+            biggest = max((n for n, _ in watched.calls), default=0)
+            if biggest > batch_size:
+                raise AssertionError(f"{where}:\n  the encoder got {biggest} images at once, more than the batch "
+                                     f"size\n  Hint: encode the images a batch at a time (at 512 × 512 one image "
+                                     f"through SD's encoder takes gigabytes of activations)")
+            if any(noisy for _, noisy in watched.calls):
+                raise AssertionError(f"{where}:\n  the encoder was given noise\n  Hint: measure the posterior "
+                                     f"means, the encoder called without noise: a sample adds σ·ε, which is not the "
+                                     f"spread of the pictures' latents")
+            if isinstance(got, torch.Tensor) and got.numel() == 1:
+                got = got.item()
+            if isinstance(got, bool) or not isinstance(got, (int, float)):
+                raise AssertionError(f"{where}:\n  the result should be a number (a Python float), got "
+                                     f"{type(got).__name__}")
+            if not math.isclose(got, expected, rel_tol=SCALE_RTOL):
+                named = next((hint for hint, value in _scale_mistakes(reference_encoder, images, batch_size)
+                              if math.isclose(got, value, rel_tol=SCALE_RTOL)), None)
+                problem = f"your scale is {got:.6g}, expected {expected:.6g}"
+                raise AssertionError(f"{where}:\n  {problem}" + (_hint_line(named) if named else
+                                     _hint_line("one over the standard deviation of all the unscaled latents")
+                                     + _unknown_mistake("2.6")))
+            worst = max(worst, abs(got - expected) / expected)
+    print(f"✅ {name} passed: matches 1 / std of the unscaled latents on {len(SCALE_CASES)} random encoders "
+          f"(max relative diff {worst:.1g})")
+    return True
