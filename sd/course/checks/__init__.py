@@ -17,7 +17,7 @@ from .sigma import check_euler_step, check_karras_sigmas
 from .training import check_drop_captions, check_unet_training_loss
 from .unet import (check_geglu, check_res_block, check_spatial_transformer, check_timestep_embedding,
                    check_transformer_block, check_unet_forward)
-from .vae import (check_reparameterize, check_vae_attention_block, check_vae_decoder, check_vae_downsample,
+from .vae import (check_latent_scale, check_reparameterize, check_vae_attention_block, check_vae_decoder,
                   check_vae_encoder, check_vae_residual_block)
 from .warmup import check_softmax
 
@@ -28,8 +28,8 @@ __all__ = [
     # 01 attention
     "check_scaled_dot_product_attention", "check_causal_attention", "check_self_attention", "check_cross_attention",
     # 02 VAE
-    "check_vae_residual_block", "check_vae_attention_block", "check_reparameterize", "check_vae_downsample",
-    "check_vae_encoder", "check_vae_decoder",
+    "check_vae_residual_block", "check_vae_attention_block", "check_reparameterize", "check_vae_encoder",
+    "check_vae_decoder", "check_latent_scale",
     # 03 CLIP
     "check_merge_pair", "check_bpe", "check_clip_embedding", "check_quick_gelu", "check_clip_layer",
     # 04 diffusion from scratch in pixels
