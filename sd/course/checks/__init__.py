@@ -10,11 +10,11 @@ from .common import pick, try_check
 from .diffusion import check_identify, check_predictions, check_shift_schedule
 from .editing import check_blend_latents, check_ddim_inversion_step, check_slerp
 from .fine_tuning import check_lora_layer, check_textual_inversion_step
-from .pipeline import check_text_to_image
+from .pipeline import check_cross_attention_maps, check_text_to_image
 from .pixel import check_ddpm_sampling, check_pixel_loss
 from .sampling import check_classifier_free_guidance, check_ddim_step, check_ddpm_step, check_previous_alpha_bars
 from .sigma import check_euler_step, check_karras_sigmas
-from .training import check_drop_captions, check_unet_training_loss
+from .training import check_training_step, check_unet_training_loss
 from .unet import (check_geglu, check_res_block, check_spatial_transformer, check_timestep_embedding,
                    check_transformer_block, check_unet_forward)
 from .vae import (check_latent_scale, check_reparameterize, check_vae_attention_block, check_vae_decoder,
@@ -44,9 +44,9 @@ __all__ = [
     # 08 the sigma view
     "check_euler_step", "check_karras_sigmas",
     # 09 text to image
-    "check_text_to_image",
+    "check_text_to_image", "check_cross_attention_maps",
     # 10 training
-    "check_unet_training_loss", "check_drop_captions",
+    "check_unet_training_loss", "check_training_step",
     # 11 editing
     "check_blend_latents", "check_ddim_inversion_step", "check_slerp",
     # 12 fine-tuning

@@ -1,26 +1,34 @@
-"""Check for notebook 09 (text to image): the whole loop from a prompt to a picture, against `StableDiffusion.generate`.
+"""Checks for notebook 09 (text to image): the whole loop from a prompt to a picture (9.1), and the per-token
+cross-attention maps of one of the UNet's cross-attention layers (9.2).
 
-The check builds a tiny Stable Diffusion with random weights (every module of SD v1, only narrow), runs the
-learner's loop and `generate` on the same prompt and seed, and compares the images. The `Mistake`s rerun the
+`check_text_to_image` builds a tiny Stable Diffusion with random weights (every module of SD v1, only narrow), runs
+the learner's loop and `generate` on the same prompt and seed, and compares the images. The `Mistake`s rerun the
 loop the typical wrong ways (no guidance, cond and uncond swapped, zeros for the empty prompt, the latents
 scaled twice, ...), so a wrong picture is named, not just reported.
+
+`check_cross_attention_maps` gives the learner's function random `CrossAttention` layers and inputs and compares
+the maps with the reference (softmax over the tokens, averaged over the heads, laid out on the latent grid).
+Every message is in words: the answer's code is only printed by `solution()`.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
 
+from ...attention import split_heads
 from ...clip import CLIP
 from ...config import CLIPConfig, UNetConfig, VAEConfig
+from ...cross_attention import CrossAttention
 from ...decoder import VAE_Decoder
 from ...encoder import VAE_Encoder
 from ...pipeline import StableDiffusion
 from ...samplers import SAMPLING_LOOPS
 from ...tokenizer import CLIPTokenizer, learn_bpe_merges
 from ...unet import DiffusionUNET
-from .common import Case, Mistake, check_function, seeded
+from .common import Case, Mistake, check_function, randn, seeded
 
 # generate() decodes in float32; the same loop written out differs only by float32 rounding (~1e-6).
 IMAGE_ATOL = 1e-4
@@ -107,7 +115,7 @@ def _loop_done_wrong(pipe, prompt, negative_prompt="", *, height, width, num_inf
 
 def check_text_to_image(fn) -> bool:
     """Exercise 9.1: fn(pipe, prompt, negative_prompt, *, height, width, num_inference_steps, guidance_scale, seed,
-    sampler) -> the image as a (1, 3, H, W) tensor in [0, 1], the same as pipe.generate(..., output_type="pt")."""
+    sampler) -> the image as a (1, 3, H, W) tensor in [0, 1], the same as the pipeline's generate (as a tensor)."""
     pipe = tiny_pipeline()
     size = dict(height=_IMAGE_SIZE, width=_IMAGE_SIZE)
     cases = [
@@ -126,28 +134,103 @@ def check_text_to_image(fn) -> bool:
         return lambda ref, c: _loop_done_wrong(*c.inputs.values(), **c.kwargs, wrong=how)
 
     mistakes = [
-        Mistake("no guidance: the image follows eps_cond alone; mix eps = eps_uncond + guidance_scale * "
-                "(eps_cond - eps_uncond)", wrong("no_guidance")),
-        Mistake("cond and uncond are swapped: the batch is [uncond, cond] and eps = eps_uncond + g * "
-                "(eps_cond - eps_uncond)", wrong("swapped")),
-        Mistake("the unconditional context is zeros: it is CLIP's embedding of the negative prompt (the empty "
-                "prompt \"\" by default), pipe.clip(pipe.tokenizer([negative_prompt]))", wrong("zeros_uncond")),
-        Mistake("the negative prompt is ignored: the unconditional half encodes negative_prompt, not always \"\"",
-                wrong("ignores_negative")),
-        Mistake("the initial noise is scaled by diffusers' init_noise_sigma: every sampler here starts from x_T = "
-                "the noise itself (the Euler samplers scale it to x_0 + sigma * noise inside)", wrong("init_sigma")),
-        Mistake("the latents are divided by 0.18215 before the decoder, which divides by it itself: pass them "
-                "as they are", wrong("double_scale")),
-        Mistake("the image is in [-1, 1], the decoder's range: map it to [0, 1] with (image / 2 + 0.5).clamp(0, 1)",
-                wrong("no_rescale")),
+        Mistake("no guidance: the image follows the conditional prediction alone; mix the two halves, "
+                "ε̂ = ε_uncond + g (ε_cond − ε_uncond)", wrong("no_guidance")),
+        Mistake("cond and uncond are swapped: the first half of the doubled batch is the unconditional one, and "
+                "guidance moves from ε_uncond towards ε_cond, ε̂ = ε_uncond + g (ε_cond − ε_uncond)",
+                wrong("swapped")),
+        Mistake("the unconditional context is zeros: it is CLIP's encoding of the negative prompt (the empty "
+                "prompt \"\" by default), 77 vectors like the prompt's", wrong("zeros_uncond")),
+        Mistake("the negative prompt is ignored: the unconditional half encodes the negative prompt you are given, "
+                "not always the empty prompt", wrong("ignores_negative")),
+        Mistake("the initial noise is scaled by diffusers' init_noise_sigma: every sampler here starts from x_T, "
+                "the noise as drawn (the Euler samplers rescale it to x_0 + σ ε inside their loop)",
+                wrong("init_sigma")),
+        Mistake("the latents are divided by the latent scale (0.18215 for SD) before the decoder, which divides "
+                "by it itself: hand the sampler's latents to this package's decoder as they are",
+                wrong("double_scale")),
+        Mistake("the image is in the decoder's range [-1, 1]: map it to [0, 1] (halve it, add one half, "
+                "clip to [0, 1])", wrong("no_rescale")),
     ]
     with _one_thread():
         return check_function("check_text_to_image", fn, reference_text_to_image, cases, mistakes,
-                              reference_name="StableDiffusion.generate", atol=IMAGE_ATOL, rtol=0.0,
-                              hint="generator = torch.Generator('cpu').manual_seed(seed) draws the latents "
-                                   "(1, 4, H/f, W/f), f = pipe.vae_factor, first, then goes to the sampler; "
-                                   "levels = pipe.scheduler.noise_levels(steps, sampler); predict_noise(x_t, t): "
-                                   "one UNet pass on [uncond, cond], guidance; "
-                                   "x = SAMPLING_LOOPS[sampler](predict_noise, latents, levels, generator=generator); "
-                                   "decode with pipe.decoder and map "
-                                   "[-1, 1] to [0, 1]")
+                              reference_name="the pipeline's own generate", atol=IMAGE_ATOL, rtol=0.0,
+                              exercise="9.1",
+                              hint="the order of the random numbers matters: one CPU generator seeded with the "
+                                   "seed draws the starting latents (1, 4, H/f, W/f), f the pipeline's VAE factor, "
+                                   "before the sampler draws anything; the guided prediction runs the UNet once on "
+                                   "the doubled batch, unconditional half first; the decoder undoes the latent "
+                                   "scale itself and returns [-1, 1]")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exercise 9.2: the per-token cross-attention maps of one cross-attention layer
+# ----------------------------------------------------------------------------------------------------------
+
+def reference_cross_attention_maps(attn: CrossAttention, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The reference for exercise 9.2: (B, S, side, side), each pixel's softmax weights over the S tokens,
+    averaged over the heads, with token s's weights laid out on the side x side latent grid."""
+    b, n, _ = x.shape
+    side = math.isqrt(n)
+    q = split_heads(attn.to_q(x), attn.n_heads)                       # (B, N, C) -> (B, H, N, C/H)
+    k = split_heads(attn.to_k(context), attn.n_heads)                 # (B, S, D) -> (B, H, S, C/H)
+    weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)   # (B, H, N, S)
+    return weights.mean(dim=1).transpose(1, 2).reshape(b, -1, side, side)          # (B, S, side, side)
+
+
+def _maps_done_wrong(attn, x, context, *, wrong: str) -> torch.Tensor:
+    """The maps with one thing done a typical wrong way."""
+    b, n, c = x.shape
+    side = math.isqrt(n)
+    heads = 1 if wrong == "one_head" else attn.n_heads
+    q = split_heads(attn.to_q(x), heads)
+    k = split_heads((attn.to_v if wrong == "values" else attn.to_k)(context), heads)
+    scale = {"no_scale": 1.0, "full_width": math.sqrt(c)}.get(wrong, math.sqrt(q.shape[-1]))
+    weights = (q @ k.transpose(-2, -1) / scale).softmax(dim=-2 if wrong == "over_pixels" else -1)
+    weights = weights.sum(dim=1) if wrong == "sum_heads" else weights.mean(dim=1)          # (B, N, S)
+    if wrong == "no_transpose":
+        return weights.reshape(b, -1, side, side)
+    maps = weights.transpose(1, 2).reshape(b, -1, side, side)
+    return maps.transpose(-2, -1) if wrong == "swapped_axes" else maps
+
+
+def check_cross_attention_maps(fn) -> bool:
+    """Exercise 9.2: fn(attn, x, context) -> (B, S, side, side): for each token, the weight every latent pixel gives
+    it (softmax over the tokens, averaged over the heads), laid out on the side x side grid of the N pixels."""
+    with seeded():
+        cases = []
+        for dim, context_dim, heads, side, tokens in ((16, 12, 2, 4, 7), (24, 8, 3, 3, 5), (32, 32, 4, 2, 9)):
+            layer = CrossAttention(dim, context_dim, heads).eval()
+            for p in layer.parameters():
+                p.data.mul_(3.0)          # peakier weights than a fresh layer's, so that mistakes show
+            cases.append(Case({"attn": layer, "x": randn(2, side * side, dim), "context": randn(2, tokens,
+                                                                                                   context_dim)}))
+
+    def wrong(how):
+        return lambda ref, c: _maps_done_wrong(*c.inputs.values(), wrong=how)
+
+    mistakes = [
+        Mistake("the scores are not divided by the square root of the head width: softmax(QKᵀ/√d) with d = C/H",
+                wrong("no_scale")),
+        Mistake("the scores are divided by the square root of the layer's whole width C: each head's own width "
+                "d = C/H sets the scale", wrong("full_width")),
+        Mistake("the softmax runs over the pixels: each PIXEL's weights over the S tokens sum to 1 (the softmax "
+                "over the last axis of the (B, H, N, S) scores)", wrong("over_pixels")),
+        Mistake("the heads are not split: the layer attends with H heads, each comparing its own C/H-wide slice "
+                "of the queries and keys; compute H maps and average them", wrong("one_head")),
+        Mistake("the heads are summed: average them, so that each pixel's weights still sum to 1",
+                wrong("sum_heads")),
+        Mistake("the keys come from the value projection: the attention weights compare queries with KEYS, "
+                "the text projected by the key projection", wrong("values")),
+        Mistake("the (B, N, S) weights are reshaped straight to (B, S, side, side): bring the token axis before "
+                "the pixel axis first (a transpose), then lay the N pixels out as side x side",
+                wrong("no_transpose")),
+        Mistake("each map is transposed (rows and columns swapped): the N pixels are the latent's rows one after "
+                "another (row-major order): keep that order when you lay them out as side x side", wrong("swapped_axes")),
+    ]
+    return check_function("check_cross_attention_maps", fn, reference_cross_attention_maps, cases, mistakes,
+                          reference_name="the reference maps (softmax over the tokens, mean over the heads)",
+                          exercise="9.2",
+                          hint="recompute the layer's attention weights from its own query and key projections, "
+                               "split into its heads, softmax over the tokens; average over the heads, then give "
+                               "each token one side x side map (the N pixels in row-major order)")
