@@ -54,6 +54,6 @@ def check_softmax(fn) -> bool:
                 / (c.inputs["x"] - c.inputs["x"].max()).exp().sum()),
     ]
     return check_function("check_softmax", fn, _softmax_reference, cases, mistakes, exercise="0.1",
-                          reference_name="the softmax over the last dimension",
+                          reference_name="the reference softmax",
                           hint="each row of the output is exp of the row's scores divided by their sum: positive, "
                                "summing to 1, and finite whatever the size of the scores")
