@@ -1,8 +1,9 @@
-"""The fine-tuning notebook's checks: the references are what sd.adapters and PEFT compute, mistakes are named.
+"""The fine-tuning notebook's checks: the references are what sd.adapters and PEFT compute, mistakes are named,
+and what is trained is checked by its behaviour (gradients, side effects), each behaviour mistake by a test.
 
 The LoRA check's reference, sd.adapters.lora.LoRALayer, must give PEFT's LoRA Linear on the same weights; the
 textual-inversion reference step must be sd.adapters.textual_inversion.textual_inversion_step (same losses, same
-embedding table after two steps, on the shipped small model).
+embedding table after two steps, on the shipped small model); the wrapping reference wraps what add_lora wraps.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from torch import nn
 import sd
 from sd.adapters.lora import LoRALayer
 from sd.adapters.textual_inversion import add_token_rows, textual_inversion_optimizer, textual_inversion_step
-from sd.course.checks import check_lora_layer, check_textual_inversion_step, pick
-from sd.course.checks.fine_tuning import reference_textual_inversion_step
-from tests.check_helpers import rejects
+from sd.course.checks import check_lora_layer, check_textual_inversion_step, check_wrap_with_lora, pick
+from sd.course.checks.fine_tuning import reference_textual_inversion_step, reference_wrap_with_lora
+from tests.check_helpers import rejects, rejects_unrecognised
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -79,6 +80,19 @@ def test_reference_textual_inversion_step_is_sd_adapters_step_on_the_shipped_mod
     assert not torch.equal(ref_table[ids], _shipped_with_word()[0].clip.embedding.token_embedding.weight[ids])
 
 
+def test_wrap_reference_wraps_the_layers_sd_add_lora_wraps():
+    from sd.adapters.lora import add_lora, lora_layers
+    from sd.course.checks.fine_tuning import _wrap_model
+    ours, _ = _wrap_model()
+    theirs = copy.deepcopy(ours)
+    params = reference_wrap_with_lora(ours, 2)
+    their_params = add_lora(theirs, rank=2)
+    assert sorted(lora_layers(ours)) == sorted(lora_layers(theirs)) and len(lora_layers(ours)) == 56
+    assert len(params) == len(their_params) == 112
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+        {n for n, p in theirs.named_parameters() if p.requires_grad}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Correct learner code passes
 # ---------------------------------------------------------------------------------------------------------
@@ -92,10 +106,43 @@ class MyLoRALinear(nn.Module):
         self.lora_A = nn.Linear(base.in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
         self.rank, self.alpha, self.scale = rank, float(rank if alpha is None else alpha), float(scale)
+        self.merged = False
+
+    def delta(self):
+        return self.scale * self.alpha / self.rank * (self.lora_B.weight @ self.lora_A.weight)   # (out, in)
 
     def forward(self, x):
-        delta = self.lora_B.weight @ self.lora_A.weight                        # (out, in)
-        return self.base(x) + self.scale * self.alpha / self.rank * (x @ delta.T)
+        if self.merged:
+            return self.base(x)
+        return self.base(x) + x @ self.delta().T
+
+    @torch.no_grad()
+    def merge(self):
+        self.base.weight += self.delta()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        self.base.weight -= self.delta()
+        self.merged = False
+
+
+def my_wrap_with_lora(model, rank, lora_class):
+    """Recursive, over the children, wrapping as it goes."""
+    model.requires_grad_(False)
+    params = []
+
+    def visit(module):
+        for name, child in list(module.named_children()):
+            if name in ("to_q", "to_k", "to_v", "to_out") and isinstance(child, nn.Linear):
+                layer = lora_class(child, rank)
+                setattr(module, name, layer)
+                params.extend([layer.lora_A.weight, layer.lora_B.weight])
+            else:
+                visit(child)
+
+    visit(model)
+    return params
 
 
 def my_textual_inversion_step(pipe, latents, prompts, token_ids, optimizer, generator):
@@ -114,21 +161,29 @@ def my_textual_inversion_step(pipe, latents, prompts, token_ids, optimizer, gene
     return loss.item()
 
 
-def test_checks_pass_the_references_and_correct_learner_code_with_one_line_each(capsys):
-    assert check_lora_layer(LoRALayer) and check_lora_layer(MyLoRALinear)
+def test_checks_pass_the_references_and_correct_learner_code(capsys):
+    from sd.adapters.lora import add_lora
+    assert check_lora_layer(MyLoRALinear)
+    assert check_wrap_with_lora(reference_wrap_with_lora) and check_wrap_with_lora(my_wrap_with_lora)
+    assert check_wrap_with_lora(lambda model, rank, lora_class: add_lora(model, rank))
     assert check_textual_inversion_step(reference_textual_inversion_step)
     assert check_textual_inversion_step(textual_inversion_step)
     assert check_textual_inversion_step(my_textual_inversion_step)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5 and all(line.startswith("✅ check_") and " passed: matches " in line for line in lines)
+    passed = [line for line in lines if line.startswith("✅ check_")]
+    assert len(passed) == 7 and all(" passed: " in line for line in passed)
+
+
+def test_lora_reference_has_no_merge_so_the_layer_check_asks_for_one():
+    rejects(check_lora_layer, LoRALayer, "has no method merge")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Done wrong
+# Done wrong: named mistakes, behaviour (gradients, side effects), unknown mistakes without code
 # ---------------------------------------------------------------------------------------------------------
 
-def lora_with(forward):
-    return type("WrongLoRA", (MyLoRALinear,), {"forward": forward})
+def lora_with(**methods):
+    return type("WrongLoRA", (MyLoRALinear,), methods)
 
 
 @pytest.mark.parametrize("forward, mistake", [
@@ -136,12 +191,125 @@ def lora_with(forward):
     (lambda s, x: s.base(x) + s.scale * s.rank / s.alpha * s.lora_B(s.lora_A(x)), "inverted (rank / alpha)"),
     (lambda s, x: s.base(x) + s.scale * s.alpha / s.rank * (x @ s.lora_B.weight @ s.lora_A.weight),
      "A and B are swapped"),
-    (lambda s, x: s.scale * s.alpha / s.rank * s.lora_B(s.lora_A(x)), "frozen layer's own output W x is missing"),
+    (lambda s, x: s.scale * s.alpha / s.rank * s.lora_B(s.lora_A(x)), "frozen layer's own output W x + bias is missing"),
     (lambda s, x: s.base(x) + s.scale * s.scale * s.alpha / s.rank * s.lora_B(s.lora_A(x)), "applied twice"),
     (lambda s, x: s.base(x) + s.alpha / s.rank * s.lora_B(s.lora_A(x)), "user's scale is missing"),
 ])
 def test_check_lora_layer_names_the_mistake(forward, mistake):
-    rejects(check_lora_layer, lora_with(forward), "check_lora_layer failed", "Hint: ", mistake)
+    rejects(check_lora_layer, lora_with(forward=forward), "check_lora_layer failed", "Hint: ", mistake)
+
+
+def _detached_base(s, x):
+    return s.base(x).detach() + s.scale * s.alpha / s.rank * s.lora_B(s.lora_A(x))
+
+
+def _merges_inside_forward(s, x):
+    with torch.no_grad():
+        s.base.weight += s.delta()
+    return s.base(x)
+
+
+def test_check_lora_layer_rejects_a_detached_base_output():
+    rejects(check_lora_layer, lora_with(forward=_detached_base), "check_lora_layer failed",
+            "lacks the frozen layer's part", "detached")
+
+
+def test_check_lora_layer_rejects_merging_into_the_weight_inside_forward():
+    rejects(check_lora_layer, lora_with(forward=_merges_inside_forward), "check_lora_layer failed",
+            "forward changed the frozen weight W")
+
+
+def test_check_lora_layer_rejects_an_update_cut_from_the_graph():
+    def forward(s, x):
+        with torch.no_grad():
+            update = s.scale * s.alpha / s.rank * s.lora_B(s.lora_A(x))
+        return s.base(x) + update
+
+    rejects(check_lora_layer, lora_with(forward=forward), "no gradient reaches A")
+
+
+@torch.no_grad()
+def _merge_without_factor(s):
+    s.base.weight += s.lora_B.weight @ s.lora_A.weight
+    s.merged = True
+
+
+@torch.no_grad()
+def _merge_transposed(s):
+    s.base.weight += s.delta().T if s.delta().shape[0] == s.delta().shape[1] else s.delta()
+    s.merged = True
+
+
+@torch.no_grad()
+def _merge_without_flag(s):
+    s.base.weight += s.delta()
+
+
+@torch.no_grad()
+def _unmerge_flag_only(s):
+    s.merged = False
+
+
+@pytest.mark.parametrize("methods, mistake", [
+    ({"merge": _merge_without_factor}, "merge added the update without its factor"),
+    ({"merge": _merge_transposed}, "merge added the update transposed"),
+    ({"merge": _merge_without_flag}, "adds the update a second time"),
+    ({"unmerge": _unmerge_flag_only}, "unmerge did not give W back"),
+])
+def test_check_lora_layer_names_merge_mistakes(methods, mistake):
+    rejects(check_lora_layer, lora_with(**methods), "check_lora_layer failed", mistake)
+
+
+def test_check_lora_layer_rejects_an_unknown_mistake_without_code():
+    def forward(s, x):                          # the update computed from the bias-free input's absolute value
+        return s.base(x) + s.scale * s.alpha / s.rank * s.lora_B(s.lora_A(x.abs()))
+
+    rejects_unrecognised(check_lora_layer, lora_with(forward=forward), "12.2")
+
+
+def _wrap(kind):
+    def wrap(model, rank, lora_class):
+        if kind != "frozen_after":
+            model.requires_grad_(kind == "not_frozen")
+        targets = ("to_q", "to_k", "to_v") if kind == "no_to_out" else ("to_q", "to_k", "to_v", "to_out")
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and (kind == "every_linear" or n.rpartition(".")[2] in targets)]
+        params = []
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = lora_class(getattr(parent, child), rank)
+            if kind == "twice":
+                layer = lora_class(layer, rank)
+            setattr(parent, child, layer)
+            params += [layer.lora_A.weight, layer.lora_B.weight]
+        if kind == "frozen_after":
+            model.requires_grad_(False)
+        return None if kind == "returns_nothing" else params
+    return wrap
+
+
+@pytest.mark.parametrize("kind, mistake", [
+    ("every_linear", "layers that are not attention projections were wrapped"),
+    ("no_to_out", "attention projections were not wrapped"),
+    ("not_frozen", "of the model's own weights are still trainable"),
+    ("frozen_after", "A and B are frozen too"),
+    ("twice", "wrapped twice"),
+    ("returns_nothing", "should return the list of the new A and B weights"),
+])
+def test_check_wrap_with_lora_names_the_mistake(kind, mistake):
+    rejects(check_wrap_with_lora, _wrap(kind), "check_wrap_with_lora failed", mistake)
+
+
+def test_check_wrap_with_lora_rejects_an_unknown_mistake_without_code():
+    def wrap_and_perturb(model, rank, lora_class):   # a "fresh" LoRA whose B is not zero changes the output
+        params = reference_wrap_with_lora(model, rank, lora_class)
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.1)
+        return params
+
+    rejects_unrecognised(check_wrap_with_lora, wrap_and_perturb, "12.3")
 
 
 def _ti_step(kind):
@@ -154,14 +322,16 @@ def _ti_step(kind):
             t = torch.randint(0, 1000, (len(latents),), generator=generator)
             noise = torch.randn(latents.shape, generator=generator)
         z_t = pipe.scheduler.add_noise(latents, noise, t)
-        loss = F.mse_loss(pipe.unet(z_t, context, t), latents if kind == "x0" else noise)
+        prediction = pipe.unet(z_t, context, t)
+        target = latents if kind == "x0" else noise
+        loss = F.l1_loss(prediction, target) if kind == "l1" else F.mse_loss(prediction, target)
         if kind != "no_zero_grad":
             optimizer.zero_grad()
         loss.backward()
         weight = pipe.clip.embedding.token_embedding.weight
         if kind != "all_rows":
             keep = torch.zeros(weight.shape[0], dtype=torch.bool)
-            keep[token_ids] = True
+            keep[[-1] if kind == "last_row" else token_ids] = True
             weight.grad[~keep] = 0
         optimizer.step()
         return loss.item()
@@ -169,13 +339,23 @@ def _ti_step(kind):
 
 
 @pytest.mark.parametrize("kind, mistake", [
-    ("all_rows", "every row of the embedding table moved"),
+    ("all_rows", "rows other than token_ids moved"),
+    ("last_row", "the table's last row"),
     ("x0", "compares the UNet's output with the clean latent"),
     ("no_zero_grad", "gradient of the previous step is still there"),
     ("noise_first", "noise is drawn before the timestep"),
 ])
 def test_check_textual_inversion_step_names_the_mistake(kind, mistake):
-    rejects(check_textual_inversion_step, _ti_step(kind), "check_textual_inversion_step failed", "Hint: ", mistake)
+    rejects(check_textual_inversion_step, _ti_step(kind), "check_textual_inversion_step failed", mistake)
+
+
+def test_check_textual_inversion_step_rejects_protecting_the_last_row_for_a_word_that_is_not_last():
+    message = rejects(check_textual_inversion_step, _ti_step("last_row"), "did not")
+    assert "wherever they are in the table" in message
+
+
+def test_check_textual_inversion_step_rejects_an_unknown_mistake_without_code():
+    rejects_unrecognised(check_textual_inversion_step, _ti_step("l1"), "12.1")
 
 
 def test_textual_inversion_step_returning_the_tensor_is_accepted_and_none_is_explained():

@@ -8,8 +8,8 @@ from .attention import (check_causal_attention, check_cross_attention, check_sca
 from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_quick_gelu
 from .common import pick, try_check
 from .diffusion import check_identify, check_predictions, check_shift_schedule
-from .editing import check_blend_latents, check_ddim_inversion_step, check_slerp
-from .fine_tuning import check_lora_layer, check_textual_inversion_step
+from .editing import check_inpainting_loop, check_inversion_loop, check_slerp
+from .fine_tuning import check_lora_layer, check_textual_inversion_step, check_wrap_with_lora
 from .pipeline import check_cross_attention_maps, check_text_to_image
 from .pixel import check_ddpm_sampling, check_pixel_loss
 from .sampling import check_classifier_free_guidance, check_ddim_step, check_ddpm_step, check_previous_alpha_bars
@@ -48,7 +48,7 @@ __all__ = [
     # 10 training
     "check_unet_training_loss", "check_training_step",
     # 11 editing
-    "check_blend_latents", "check_ddim_inversion_step", "check_slerp",
+    "check_inpainting_loop", "check_inversion_loop", "check_slerp",
     # 12 fine-tuning
-    "check_textual_inversion_step", "check_lora_layer",
+    "check_textual_inversion_step", "check_lora_layer", "check_wrap_with_lora",
 ]
