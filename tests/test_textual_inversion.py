@@ -97,7 +97,7 @@ def test_unknown_word_is_just_text(pipes):
 @pytest.mark.parametrize("tensors, message", [
     ({"<t>": torch.zeros(1, 768)}, "768 wide, this text encoder is 128 wide"),
     ({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, "SDXL"),
-    ({"<|endoftext|>": torch.zeros(1, WIDTH)}, "already in the vocabulary"),
+    ({"<|endoftext|>": torch.zeros(1, WIDTH)}, "already a vocabulary entry"),
     ({"<t>": torch.zeros(2, 3, WIDTH)}, r"\(D,\) or \(n, D\)"),
 ])
 def test_bad_embedding_file_gets_one_line(pipes, tmp_path, tensors, message):

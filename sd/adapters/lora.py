@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from ..validation import require_number, require_scale
+
 # The UNet's attention projections (q, k, v and the output of attn1/attn2 in every transformer block, named as in
 # sd/attention.py and sd/cross_attention.py): diffusers' train_text_to_image_lora.py adapts exactly these.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out")
@@ -51,8 +53,8 @@ class LoRALayer(nn.Module):
         nn.init.zeros_(self.lora_B.weight)       # B = 0: the adapted layer starts as the original one
         self.base = base
         self.rank = rank
-        self.alpha = float(rank if alpha is None else alpha)
-        self.scale = float(scale)
+        self.alpha = float(rank) if alpha is None else require_number(alpha, "LoRA alpha")
+        self.scale = require_scale(scale, "scale")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (self.scale * self.alpha / self.rank) * self.lora_B(self.lora_A(x))
@@ -75,7 +77,8 @@ def innermost(module: nn.Module) -> nn.Module:
     return module
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the module called `name` is (e.g. "down.0.attn.0.blocks.0.attn1.to_q")."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -84,7 +87,7 @@ def inject_lora(model: nn.Module, name: str, rank: int, alpha: float | None = No
                 scale: float = 1.0) -> LoRALayer:
     """Wrap the layer called `name` in `model` (e.g. "down.0.attn.0.blocks.0.attn1.to_q") in a new LoRALayer."""
     layer = LoRALayer(model.get_submodule(name), rank, alpha, scale)
-    _replace(model, name, layer)
+    replace_module(model, name, layer)
     return layer
 
 
@@ -111,24 +114,36 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
 
 def set_lora_scale(model: nn.Module, scale: float) -> None:
     """Set the strength of every LoRA in `model` (0 turns them off without removing them)."""
+    scale = require_scale(scale, "scale")
     for m in model.modules():
         if isinstance(m, LoRALayer):
-            m.scale = float(scale)
+            m.scale = scale
 
 
 @torch.no_grad()
 def fuse_lora(model: nn.Module) -> int:
-    """Fold every LoRA into its layer's weight (W += scale * alpha / r * B A), drop the wrappers; returns how many."""
+    """Fold every LoRA into its layer's weight (W += scale * alpha / r * B A), drop the wrappers; returns how many.
+
+    Every fused weight is computed and checked first: a LoRA whose update is NaN or infinite (a diverged training
+    run), or that overflows the weights' dtype, is refused and the model is left as it was.
+    """
     layers = lora_layers(model)
+    fused = {}
     for name, layer in layers.items():
-        base = layer
-        deltas = []
-        while isinstance(base, LoRALayer):     # stacked LoRAs: each adds its own update
-            deltas.append(base.delta_weight())
-            base = base.base
-        for delta in deltas:
-            base.weight += delta.to(base.weight.dtype)
-        _replace(model, name, base)
+        base, weight = innermost(layer), innermost(layer).weight
+        total = weight.float().clone()
+        module = layer
+        while isinstance(module, LoRALayer):     # stacked LoRAs: each adds its own update
+            total += module.delta_weight().float()
+            module = module.base
+        total = total.to(weight.dtype)
+        if not torch.isfinite(total).all():
+            raise ValueError(f"cannot fuse the LoRA of {name}: the fused weight would hold NaN or infinite values "
+                             f"(a diverged LoRA, or too large a scale for {weight.dtype}); nothing was fused")
+        fused[name] = (base, total)
+    for name, (base, total) in fused.items():
+        base.weight.copy_(total)
+        replace_module(model, name, base)
     return len(layers)
 
 
@@ -136,5 +151,5 @@ def unload_lora(model: nn.Module) -> int:
     """Put back the original layers (the LoRAs are discarded); returns how many positions were adapted."""
     layers = lora_layers(model)
     for name, layer in layers.items():
-        _replace(model, name, innermost(layer))
+        replace_module(model, name, innermost(layer))
     return len(layers)

@@ -25,7 +25,8 @@ from torch import nn
 
 from ..io.keys import diffusers_unet_key, transformers_clip_key
 from ..io.safe_read import SAFETENSORS_SUFFIX, read_tensors, save_safetensors
-from .lora import LoRALayer, innermost, inject_lora, lora_layers
+from ..validation import require_scale
+from .lora import LoRALayer, innermost, inject_lora, lora_layers, replace_module
 
 # diffusers' safetensors metadata entry with PEFT's LoraConfig of each model (diffusers/loaders/lora_base.py).
 LORA_METADATA_KEY = "lora_adapter_metadata"
@@ -99,13 +100,36 @@ def _split_key(key: str, file: str) -> tuple[str, str, str]:
                      f".lora.down.weight, .lora.up.weight or .alpha)")
 
 
-def _metadata_alpha(metadata: dict, model: str, path: str) -> float | None:
+def _metadata_alpha(metadata: dict, model: str, path: str, file: str) -> float | None:
     """PEFT's alpha for one module: its `alpha_pattern` entry (a regex on the module path's end), else `lora_alpha`."""
     for pattern, alpha in (metadata.get(f"{model}.alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", path):
-            return float(alpha)
+            return _finite_alpha(alpha, f"{file}: metadata {model}.alpha_pattern[{pattern!r}]")
     alpha = metadata.get(f"{model}.lora_alpha")
-    return None if alpha is None else float(alpha)
+    return None if alpha is None else _finite_alpha(alpha, f"{file}: metadata {model}.lora_alpha")
+
+
+def _finite_alpha(alpha, where: str) -> float:
+    """A LoRA's alpha as a file stores it (a number, or a one-element tensor) -> a finite float; else one line."""
+    if isinstance(alpha, torch.Tensor):
+        if alpha.numel() != 1:
+            raise ValueError(f"{where}: alpha must be one number, got a tensor of shape {tuple(alpha.shape)}")
+        alpha = alpha.item()
+    try:
+        return require_scale(alpha, "alpha")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}; refused before changing the model") from None
+
+
+def _require_lora_matrix(value, where: str) -> torch.Tensor:
+    """A LoRA matrix as a file stores it: a floating-point tensor of finite numbers; else one line naming the key."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{where}: a LoRA matrix must be a floating-point tensor, got {kind}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{where} holds NaN or infinite values; refused before changing the model "
+                         f"(it would turn every image into NaN)")
+    return value
 
 
 def read_lora_file(path: str | Path) -> dict[str, dict[str, LoRAWeights]]:
@@ -123,16 +147,16 @@ def read_lora_file(path: str | Path) -> dict[str, dict[str, LoRAWeights]]:
         model, module_path, role = _split_key(key, path.name)
         weights = found[model].setdefault(module_path, LoRAWeights())
         if role == "alpha":
-            weights.alpha = float(value.item())
+            weights.alpha = _finite_alpha(value, f"{path.name}, key {key!r}")
         else:
-            setattr(weights, role, value)
+            setattr(weights, role, _require_lora_matrix(value, f"{path.name}, key {key!r}"))
     for model, modules in found.items():
         for module_path, weights in modules.items():
             if weights.down is None or weights.up is None:
                 raise ValueError(f"{path.name}: the LoRA of {model}.{module_path} has no "
                                  f"{'down (A)' if weights.down is None else 'up (B)'} matrix")
             if weights.alpha is None:
-                weights.alpha = _metadata_alpha(metadata, model, module_path)
+                weights.alpha = _metadata_alpha(metadata, model, module_path, path.name)
     return found
 
 
@@ -144,6 +168,8 @@ def _our_module_name(model: str, module_path: str) -> str:
 
 def _check_shapes(layer: nn.Module, w: LoRAWeights, where: str) -> int:
     """The rank of a LoRA whose matrices fit `layer`; else one line naming the key and the file."""
+    if w.down.dim() < 2:
+        raise ValueError(f"{where}: down (A) must be a matrix (rank x in), got shape {tuple(w.down.shape)}")
     rank = w.down.shape[0]
     if w.up.dim() < 2 or w.up.shape[1] != rank:
         raise ValueError(f"{where}: rank mismatch, down (A) has {rank} rows but up (B) has shape {tuple(w.up.shape)}")
@@ -161,12 +187,17 @@ def _check_shapes(layer: nn.Module, w: LoRAWeights, where: str) -> int:
 
 
 def load_lora_weights(pipe, path: str | Path, scale: float = 1.0) -> dict[str, int]:
-    """Add the LoRA of a diffusers/PEFT or kohya file to pipe.unet and pipe.clip; returns the count per model."""
+    """Add the LoRA of a diffusers/PEFT or kohya file to pipe.unet and pipe.clip; returns the count per model.
+
+    Everything is checked before the model changes (scale, every key, tensor, alpha and shape); a refused file
+    leaves the pipeline exactly as it was.
+    """
+    scale = require_scale(scale, "scale")
     path = Path(path)
     models = {UNET: pipe.unet, TEXT_ENCODER: pipe.clip}
     found = read_lora_file(path)
     planned = []
-    for model, modules in found.items():       # check everything first: a bad file leaves the pipeline untouched
+    for model, modules in found.items():       # 1. check everything first
         for module_path, w in modules.items():
             name = _our_module_name(model, module_path)
             where = f"{path.name}, key {model}.{module_path}"
@@ -179,13 +210,21 @@ def load_lora_weights(pipe, path: str | Path, scale: float = 1.0) -> dict[str, i
             if not isinstance(innermost(layer), (nn.Linear, nn.Conv2d)):
                 raise ValueError(f"{where}: {name!r} is a {type(layer).__name__}, not a Linear or Conv2d layer")
             planned.append((model, name, w, _check_shapes(layer, w, where)))
-    for model, name, w, rank in planned:
-        layer = inject_lora(models[model], name, rank, w.alpha, scale)
-        with torch.no_grad():
-            layer.lora_A.weight.copy_(w.down)
-            layer.lora_B.weight.copy_(w.up)
-        layer.requires_grad_(False)
+    added = []                                 # 2. then apply; should anything still fail, undo what was added
+    try:
+        for model, name, w, rank in planned:
+            layer = inject_lora(models[model], name, rank, w.alpha, scale)
+            added.append((models[model], name, layer))
+            with torch.no_grad():
+                layer.lora_A.weight.copy_(w.down)
+                layer.lora_B.weight.copy_(w.up)
+            layer.requires_grad_(False)
+    except BaseException:
+        for module, name, layer in reversed(added):
+            replace_module(module, name, layer.base)
+        raise
     return {model: len(modules) for model, modules in found.items()}
+
 
 
 def lora_state_dict(pipe) -> dict[str, torch.Tensor]:
