@@ -26,7 +26,9 @@ def require_number(value, name: str, low: float | None = None, high: float | Non
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+        bounds = f"lie in [{low}, {high}]" if low is not None and high is not None else \
+            f"be >= {low}" if low is not None else f"be <= {high}"
+        raise ValueError(f"{name} must {bounds}, got {value}")
     return value
 
 

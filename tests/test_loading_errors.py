@@ -202,3 +202,16 @@ def test_a_plain_pickle_with_python_objects_is_refused_on_one_line(tmp_path):
     path = tmp_path / "objects.pt"
     path.write_bytes(pickle.dumps({"w": Opaque()}))
     one_line_error(path, rf"^{path}: {CODE_REFUSED}")
+
+
+def test_a_course_checkpoint_path_that_does_not_exist_is_one_line_naming_the_variable(tmp_path, monkeypatch,
+                                                                                      offline_hub, capsys):
+    from sd.course.models import CHECKPOINT_ENV, load_course_model
+    missing = tmp_path / "no-such-file.safetensors"
+    monkeypatch.setenv(CHECKPOINT_ENV, str(missing))
+    with pytest.raises(ValueError) as e:
+        load_course_model("cpu")
+    message = str(e.value)
+    assert "\n" not in message
+    assert message == f"$SD_CHECKPOINT must be the path of an existing file or folder, got '{missing}' (not found)"
+    assert "Using" not in capsys.readouterr().out              # no model was loaded in its place

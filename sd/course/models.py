@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
@@ -12,6 +11,7 @@ from ..encoder import VAE_Encoder
 from ..io import checkpoint
 from ..pipeline import StableDiffusion
 from ..runtime.device import detect_runtime
+from ..runtime.settings import env_path
 from ..tokenizer import CLIPTokenizer
 from ..training.presets import get_preset
 from ..unet import DiffusionUNET
@@ -24,7 +24,8 @@ SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 def load_course_model(device: str | torch.device | None = None, allow_download: bool | None = None):
     """The best trained model available, and one sentence saying which; None if there is none.
 
-    Order: $SD_CHECKPOINT (a local SD v1.x file or folder); SD v1.5 from the Hugging Face Hub (cache or download,
+    Order: $SD_CHECKPOINT (a local SD v1.x file or folder; a path that does not exist is one line naming the
+    variable, not a silent fall-back); SD v1.5 from the Hugging Face Hub (cache or download,
     tried on a GPU only: on a CPU it is too slow to be useful in a notebook); the project's small shapes model.
     """
     runtime = detect_runtime(device)   # float16 / bfloat16 and memory savers on a GPU, float32 on a CPU
@@ -35,8 +36,8 @@ def load_course_model(device: str | torch.device | None = None, allow_download: 
     def load(source=None):
         return runtime.apply(checkpoint.load_checkpoint(source, device=device, dtype=runtime.dtype))
 
-    path = os.environ.get(CHECKPOINT_ENV)
-    if path:
+    path = env_path(CHECKPOINT_ENV)
+    if path is not None:
         print(f"Using the SD v1.x checkpoint at ${CHECKPOINT_ENV} = {path}.")
         return load(path)
     if allow_download:
