@@ -205,3 +205,20 @@ def test_inpaint_command_says_which_file_it_cannot_read(picture, tmp_path, capsy
     assert inpaint_command(["inpaint", str(tmp_path / "in.png"), str(tmp_path / "missing.png"), "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read the mask" in err[0]
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--strength", "0"], "strength must lie in (0, 1] (1: start from pure noise), got 0.0"),
+    (["--strength", "nan"], "strength must be a finite number, got nan"),
+])
+def test_inpaint_command_refuses_a_bad_strength_in_one_line_and_writes_nothing(picture, tmp_path, capsys, option,
+                                                                              words):
+    from PIL import Image
+    picture[0].save(tmp_path / "in.png")
+    Image.fromarray((RIGHT_HALF * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert inpaint_command(["inpaint", str(tmp_path / "in.png"), str(tmp_path / "mask.png"), "x", "--steps", "2",
+                            "--device", "cpu", *option, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"python -m sd inpaint: error: {words}"
+    assert not out.exists()
