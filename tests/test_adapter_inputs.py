@@ -288,3 +288,19 @@ def test_a_good_embedding_still_loads_after_refused_ones(pipe, tmp_path):
     good = diffusers_embedding(tmp_path / "good.safetensors", "<new-shape>", vectors())
     assert load_textual_inversion(pipe, good) == ["<new-shape>"]
     assert pipe.tokenizer.encode("<new-shape>")[1:-1] == [pipe.tokenizer.vocab["<new-shape>"]]
+
+
+@pytest.mark.parametrize("rank, alpha, error, words", [
+    (0, None, ValueError, "LoRA rank must be an integer in [1, inf], got 0"),
+    ("4", None, TypeError, "LoRA rank must be an integer, got str '4'"),
+    (4, math.nan, ValueError, "LoRA alpha must be a finite number, got nan"),
+])
+def test_add_lora_refuses_a_bad_rank_or_alpha_before_freezing_the_model(pipe, rank, alpha, error, words):
+    from sd.adapters.lora import add_lora
+    pipe.unet.requires_grad_(True)
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(error) as e:
+        add_lora(pipe.unet, rank=rank, alpha=alpha)
+    assert words in one_line(e.value)
+    assert all(p.requires_grad for p in pipe.unet.parameters())                 # not frozen
+    assert list(pipe.unet.state_dict()) == list(weights)                         # no layer wrapped

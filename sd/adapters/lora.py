@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..validation import require_number, require_scale
+from ..validation import require_int, require_number, require_scale
 
 # The UNet's attention projections (q, k, v and the output of attn1/attn2 in every transformer block, named as in
 # sd/attention.py and sd/cross_attention.py): diffusers' train_text_to_image_lora.py adapts exactly these.
@@ -32,8 +32,7 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, scale: float = 1.0):
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        rank = require_int(rank, "LoRA rank", 1)
         inner = innermost(base)
         weight = inner.weight
         if isinstance(inner, nn.Linear):
@@ -94,6 +93,8 @@ def inject_lora(model: nn.Module, name: str, rank: int, alpha: float | None = No
 def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None,
              targets: tuple[str, ...] = UNET_TARGETS) -> list[nn.Parameter]:
     """Freeze `model` and give every layer named like one of `targets` a fresh LoRA; returns the new parameters."""
+    rank = require_int(rank, "LoRA rank", 1)                  # checked before the model is frozen or changed
+    alpha = None if alpha is None else require_number(alpha, "LoRA alpha")
     names = [n for n, m in model.named_modules()
              if n.rpartition(".")[2] in targets and isinstance(m, (nn.Linear, nn.Conv2d))]
     if not names:
