@@ -15,17 +15,26 @@ from torch import nn
 import sd
 from sd.attention import SelfAttention
 from sd.bpe import bpe, get_pairs, merge_pair
-from sd.course.checks import (check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_quick_gelu,
-                       pick)
+from sd.course.checks import (check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair,
+                              check_sigmoid_fit_error, pick)
+from sd.course.checks.clip import sigmoid_fit_error
 from sd.clip import CLIPEmbedding, CLIPLayer, quick_gelu
-from tests.check_helpers import rejects
+from tests.check_helpers import program_text, rejects, rejects_unrecognised
+
+
+def rejects_in_words(check, impl, *fragments: str) -> str:
+    """rejects(), and the message names the mistake in words: no program text."""
+    message = rejects(check, impl, *fragments)
+    found = program_text(message)
+    assert found is None, f"the check's message shows program text ({found}):\n{message}"
+    return message
 
 
 def test_clip_checks_pass_the_reference_with_one_line_each(capsys):
     assert check_merge_pair(merge_pair) is True
     assert check_bpe(bpe) is True
     assert check_clip_embedding(CLIPEmbedding) is True
-    assert check_quick_gelu(quick_gelu) is True
+    assert check_sigmoid_fit_error(sigmoid_fit_error) is True
     assert check_clip_layer(CLIPLayer) is True
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and all(line.startswith("✅ check_") and " passed: matches " in line for line in lines)
@@ -93,7 +102,14 @@ def test_check_merge_pair_passes_a_correct_merge_written_differently():
     (merge_dropping_the_end, "last symbol is lost"),
 ])
 def test_check_merge_pair_names_the_mistake(fn, mistake):
-    rejects(check_merge_pair, fn, "check_merge_pair failed", "expected", mistake)
+    rejects_in_words(check_merge_pair, fn, "check_merge_pair failed", "expected", mistake)
+
+
+def test_check_merge_pair_points_to_the_hints_for_a_mistake_it_does_not_know():
+    def merge_reversed(word, pair):   # merges right to left, then reverses the word: a mistake no check lists
+        return tuple(reversed(merge_with_index_loop(word, pair)))
+
+    rejects_unrecognised(check_merge_pair, merge_reversed, "3.1")
 
 
 def test_check_merge_pair_shows_the_word_it_got_and_the_one_expected():
@@ -112,7 +128,7 @@ def test_check_merge_pair_names_a_symbol_used_twice():
             i += 1
         return tuple(out)
 
-    rejects(check_merge_pair, merge_overlapping, "used in two merges", "i + 2")
+    rejects_in_words(check_merge_pair, merge_overlapping, "used in two merges", "after BOTH joined symbols")
     # a version that cleans up neighbours still joins ('a', 'a', 'a</w>') into two overlapping pairs
     with pytest.raises(AssertionError):
         check_merge_pair(merge_without_skipping)
@@ -188,16 +204,24 @@ def test_check_bpe_passes_a_correct_encoder_written_differently():
 @pytest.mark.parametrize("fn, mistake", [
     (encode_left_to_right, "merged from left to right"),
     (encode_highest_rank, "highest rank"),
-    (encode_without_key, "without key="),
+    (encode_without_key, "compared as strings"),
     (encode_once, "only one merge"),
-    (encode_without_stopping, "not in ranks are merged too"),
+    (encode_without_stopping, "not among the ranks are merged too"),
 ])
 def test_check_bpe_names_the_mistake(fn, mistake):
-    rejects(check_bpe, fn, "check_bpe failed on example 1 of 7", "ranks {'b' 'a': 0", mistake)
+    rejects_in_words(check_bpe, fn, "check_bpe failed on example 1 of 7", "ranks {'b' 'a': 0", mistake)
+
+
+def test_check_bpe_points_to_the_hints_for_a_mistake_it_does_not_know():
+    def encode_and_drop_the_word_end(word, ranks):   # a correct encoding whose last symbol loses its end mark
+        word = encode_by_rank(word, ranks)
+        return (*word[:-1], word[-1].replace("</w>", ""))
+
+    rejects_unrecognised(check_bpe, encode_and_drop_the_word_end, "3.2")
 
 
 def test_check_bpe_stops_an_endless_loop_with_a_message():
-    rejects(check_bpe, encode_waiting_for_one_symbol, "the loop does not stop", "if pair not in ranks: break")
+    rejects_in_words(check_bpe, encode_waiting_for_one_symbol, "the loop does not stop", "not a learned merge")
 
 
 def test_check_bpe_reports_a_crash_on_a_single_symbol_word():
@@ -277,34 +301,87 @@ def test_check_clip_embedding_passes_a_correct_embedding_written_differently():
     (EmbeddingConcatenated, "concatenated"),
 ])
 def test_check_clip_embedding_names_the_mistake(cls, mistake):
-    rejects(check_clip_embedding, cls, "check_clip_embedding failed", mistake)
+    rejects_in_words(check_clip_embedding, cls, "check_clip_embedding failed", mistake)
 
 
 def test_check_clip_embedding_names_positions_looked_up_by_token_id():
     # ids of the first input reach 49 > 16 positions: the lookup crashes there, with the hint
-    rejects(check_clip_embedding, EmbeddingPositionsFromIds, "raised IndexError", "torch.arange(T)")
+    rejects_in_words(check_clip_embedding, EmbeddingPositionsFromIds, "raised IndexError", "0 .. T-1",
+                     'hint("3.3")')
 
 
 def test_check_clip_embedding_explains_a_prompt_shorter_than_the_table():
     rejects(check_clip_embedding, EmbeddingWholeTable, "random input 2 of 3", "T can be shorter than max_tokens")
 
 
+class EmbeddingPositionsScaled(Embedding):
+    def forward(self, tokens):   # the positions counted from 1: a mistake the check does not list
+        positions = torch.arange(1, tokens.shape[1] + 1) % self.position_embedding.num_embeddings
+        return self.token_embedding(tokens) + self.position_embedding(positions)
+
+
+def test_check_clip_embedding_points_to_the_hints_for_a_mistake_it_does_not_know():
+    rejects_unrecognised(check_clip_embedding, EmbeddingPositionsScaled, "3.3")
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 3.4: quick-GELU
+# Exercise 3.4: the largest gap between sigmoid(c x) and the normal CDF, per scale
 # ---------------------------------------------------------------------------------------------------------
 
-def test_check_quick_gelu_passes_a_correct_formula_written_differently():
-    assert check_quick_gelu(lambda x: x / (1 + torch.exp(-1.702 * x)))
+def phi(x):
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def fit_error_with_a_loop(scales, x):
+    """Right, written differently: one scale at a time, the CDF from torch.distributions."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    return torch.stack([(torch.sigmoid(c * x) - normal.cdf(x)).abs().max() for c in scales])
+
+
+def fit_error_mean(scales, x):
+    return (torch.sigmoid(scales[:, None] * x) - phi(x)).abs().mean(dim=1)
+
+
+def fit_error_signed(scales, x):
+    return (torch.sigmoid(scales[:, None] * x) - phi(x)).max(dim=1).values
+
+
+def fit_error_erf_without_root_two(scales, x):
+    return (torch.sigmoid(scales[:, None] * x) - 0.5 * (1 + torch.erf(x))).abs().amax(dim=1)
+
+
+def fit_error_of_the_activations(scales, x):
+    return (x * torch.sigmoid(scales[:, None] * x) - x * phi(x)).abs().amax(dim=1)
+
+
+def fit_error_squared(scales, x):   # squares instead of absolute values: a mistake the check does not list
+    return ((torch.sigmoid(scales[:, None] * x) - phi(x)) ** 2).amax(dim=1)
+
+
+def test_check_sigmoid_fit_error_passes_a_correct_measurement_written_differently():
+    assert check_sigmoid_fit_error(fit_error_with_a_loop)
+
+
+def test_the_measured_best_scale_is_quick_gelus_1_702():
+    """The measurement the exercise builds finds CLIP's constant: the minimax scale of the logistic fit to Phi."""
+    scales = torch.linspace(1.5, 1.9, 4001, dtype=torch.float64)
+    gaps = sigmoid_fit_error(scales, torch.linspace(-8, 8, 16001, dtype=torch.float64))
+    assert abs(float(scales[gaps.argmin()]) - 1.702) < 1e-3
+    assert 0.0094 < float(gaps.min()) < 0.0096
 
 
 @pytest.mark.parametrize("fn, mistake", [
-    (F.gelu, "exact GELU"),
-    (lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))), "tanh approximation"),
-    (lambda x: x * torch.sigmoid(x), "this is SiLU"),
-    (lambda x: torch.sigmoid(1.702 * x), "factor x is missing"),
+    (fit_error_mean, "mean gap"),
+    (fit_error_signed, "absolute value"),
+    (fit_error_erf_without_root_two, "erf(x / sqrt 2)"),
+    (fit_error_of_the_activations, "gaps of the activations"),
 ])
-def test_check_quick_gelu_names_the_mistake(fn, mistake):
-    rejects(check_quick_gelu, fn, "check_quick_gelu failed", mistake)
+def test_check_sigmoid_fit_error_names_the_mistake(fn, mistake):
+    rejects_in_words(check_sigmoid_fit_error, fn, "check_sigmoid_fit_error failed", mistake)
+
+
+def test_check_sigmoid_fit_error_points_to_the_hints_for_a_mistake_it_does_not_know():
+    rejects_unrecognised(check_sigmoid_fit_error, fit_error_squared, "3.4")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,7 +450,53 @@ def test_check_clip_layer_passes_a_correct_layer_written_differently():
     (LayerOneNorm, "layer_norm1 is used twice"),
 ])
 def test_check_clip_layer_names_the_mistake(cls, mistake):
-    rejects(check_clip_layer, cls, "check_clip_layer failed", mistake)
+    rejects_in_words(check_clip_layer, cls, "check_clip_layer failed", mistake)
+
+
+class LayerSiLU(Layer):
+    def __init__(self, width, heads, mlp_width):
+        super().__init__(width, heads, mlp_width, gelu=F.silu)
+
+
+class LayerScaleOutsideTheSigmoid(Layer):
+    def __init__(self, width, heads, mlp_width):
+        super().__init__(width, heads, mlp_width, gelu=lambda h: 1.702 * h * torch.sigmoid(h))
+
+
+class LayerTanhGelu(Layer):
+    def __init__(self, width, heads, mlp_width):
+        super().__init__(width, heads, mlp_width, gelu=nn.GELU(approximate="tanh"))
+
+
+@pytest.mark.parametrize("cls, mistake", [
+    (LayerSiLU, "SiLU"),
+    (LayerScaleOutsideTheSigmoid, "1.702 multiplies the result"),
+    (LayerTanhGelu, "tanh approximation"),
+])
+def test_check_clip_layer_names_the_wrong_activation_in_the_mlp(cls, mistake):
+    rejects_in_words(check_clip_layer, cls, "check_clip_layer failed", mistake)
+
+
+class LayerWithoutAttentionBiases(Layer):
+    """The constructor built from the diagram, but the attention's q/k/v without the bias CLIP has."""
+
+    def __init__(self, width, heads, mlp_width):
+        super().__init__(width, heads, mlp_width)
+        self.self_attn = SelfAttention(width, heads, qkv_bias=False)
+
+
+def test_check_clip_layer_lists_the_weights_a_constructor_is_missing():
+    rejects(check_clip_layer, LayerWithoutAttentionBiases, "missing in yours: self_attn.to_q.bias")
+
+
+class LayerWithTheScaleOnTheAttention(Layer):
+    def forward(self, x):   # the attention's output doubled: a mistake the check does not list
+        x = x + 2 * self.self_attn(self.layer_norm1(x), causal=True)
+        return x + self.feed_forward(self.layer_norm2(x))
+
+
+def test_check_clip_layer_points_to_the_hints_for_a_mistake_it_does_not_know():
+    rejects_unrecognised(check_clip_layer, LayerWithTheScaleOnTheAttention, "3.5")
 
 
 def test_pick_goes_on_with_the_reference_when_the_layer_is_wrong(capsys):

@@ -19,7 +19,15 @@ from sd.course.checks import (check_geglu, check_res_block, check_spatial_transf
 from sd.cross_attention import CrossAttention
 from sd.timestep_embedding import timestep_embedding
 from sd.unet_blocks import GEGLU, FeedForward, ResBlock, SpatialTransformer, TransformerBlock
-from tests.check_helpers import rejects
+from tests.check_helpers import program_text, rejects, rejects_unrecognised
+
+
+def rejects_in_words(check, impl, *fragments: str) -> str:
+    """rejects(), and the message names the mistake in words: no program text."""
+    message = rejects(check, impl, *fragments)
+    found = program_text(message)
+    assert found is None, f"the check's message shows program text ({found}):\n{message}"
+    return message
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,7 +121,7 @@ class ResBlockWithoutResidual(MyResBlock):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5.3 GEGLU
+# 5.3 the transformer block with its GEGLU feed-forward: GEGLU first
 # ---------------------------------------------------------------------------------------------------------
 
 class MyGEGLU(nn.Module):
@@ -146,7 +154,7 @@ class GEGLUSiLU(MyGEGLU):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5.4 transformer block
+# 5.3 the transformer block itself
 # ---------------------------------------------------------------------------------------------------------
 
 class MyTransformerBlock(nn.Module):
@@ -203,7 +211,7 @@ class TransformerBlockCrossFirst(MyTransformerBlock):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5.5 spatial transformer
+# 5.4 spatial transformer
 # ---------------------------------------------------------------------------------------------------------
 
 class MySpatialTransformer(nn.Module):
@@ -247,7 +255,7 @@ class SpatialTransformerBareReshape(MySpatialTransformer):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5.6 the UNet forward, with its skips
+# 5.5 the UNet forward, with its skips
 # ---------------------------------------------------------------------------------------------------------
 
 class MyUNet(sd.DiffusionUNET):
@@ -334,10 +342,27 @@ def test_unet_checks_pass_correct_learner_implementations_written_differently():
     (embedding_sin_first, "sin and cos are swapped"),
     (embedding_interleaved, "interleaved"),
     (embedding_divided_by_dim, "divides i by dim"),
-    (embedding_base_1000, "exp(-ln(10000) * i / half)"),   # an unlisted base: the general hint gives the formula
 ])
 def test_check_timestep_embedding_names_the_mistake(impl, mistake):
-    rejects(check_timestep_embedding, impl, "check_timestep_embedding failed", "timesteps (5,), dim 320", mistake)
+    rejects_in_words(check_timestep_embedding, impl, "check_timestep_embedding failed", "timesteps (5,), dim 320",
+                     mistake)
+
+
+def embedding_divided_by_half_minus_one(timesteps, dim):
+    """The lowest frequency exactly 1/10000, as "from 1 down to 1/10000" read literally would give."""
+    half = dim // 2
+    freqs = 10000 ** (-torch.arange(half) / (half - 1))
+    args = timesteps[:, None].float() * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def test_check_timestep_embedding_names_frequencies_that_reach_exactly_one_over_10000():
+    rejects_in_words(check_timestep_embedding, embedding_divided_by_half_minus_one, "divides i by h - 1")
+
+
+def test_check_timestep_embedding_points_to_the_hints_for_a_base_it_does_not_know():
+    message = rejects_unrecognised(check_timestep_embedding, embedding_base_1000, "5.1")
+    assert "10000^(-i/h)" in message    # the words of the general hint
 
 
 @pytest.mark.parametrize("cls, mistake", [
@@ -347,7 +372,17 @@ def test_check_timestep_embedding_names_the_mistake(impl, mistake):
     (ResBlockWithoutResidual, "residual is missing"),
 ])
 def test_check_res_block_names_the_mistake(cls, mistake):
-    rejects(check_res_block, cls, "check_res_block failed", mistake)
+    rejects_in_words(check_res_block, cls, "check_res_block failed", mistake)
+
+
+class ResBlockTimeDoubled(MyResBlock):
+    def forward(self, x, time_emb):   # the time shift added twice: a mistake the check does not list
+        h = self.conv1(F.silu(self.norm1(x))) + 2 * self.time(time_emb)
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+def test_check_res_block_points_to_the_hints_for_a_mistake_it_does_not_know():
+    rejects_unrecognised(check_res_block, ResBlockTimeDoubled, "5.2")
 
 
 @pytest.mark.parametrize("cls, mistake", [
@@ -356,7 +391,17 @@ def test_check_res_block_names_the_mistake(cls, mistake):
     (GEGLUSiLU, "SwiGLU"),
 ])
 def test_check_geglu_names_the_mistake(cls, mistake):
-    rejects(check_geglu, cls, "check_geglu failed", mistake)
+    rejects_in_words(check_geglu, cls, "check_geglu failed", mistake)
+
+
+class GEGLUGateSquared(MyGEGLU):
+    def forward(self, x):   # the gate squared before the GELU: a mistake the check does not list
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate ** 2)
+
+
+def test_check_geglu_points_to_the_hints_for_a_mistake_it_does_not_know():
+    rejects_unrecognised(check_geglu, GEGLUGateSquared, "5.3")
 
 
 @pytest.mark.parametrize("cls, mistake", [
@@ -368,30 +413,112 @@ def test_check_geglu_names_the_mistake(cls, mistake):
                                    "norm1 before ff)"),
 ])
 def test_check_transformer_block_names_the_mistake(cls, mistake):
-    rejects(check_transformer_block, cls, "check_transformer_block failed", mistake)
+    rejects_in_words(check_transformer_block, cls, "check_transformer_block failed", mistake)
+
+
+class FeedForwardGateFirst(nn.Module):
+    """The feed-forward with sd's names, its GEGLU's halves swapped."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.geglu = GEGLUGateFirst(dim, 4 * dim)
+        self.out = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.out(self.geglu(x))
+
+
+class TransformerBlockGateFirst(MyTransformerBlock):
+    """The block built from the diagram, with a GEGLU whose halves are swapped."""
+
+    def __init__(self, dim, context_dim, heads):
+        super().__init__(dim, context_dim, heads)
+        self.ff = FeedForwardGateFirst(dim)
+
+
+def test_check_transformer_block_names_a_wrong_geglu_inside_the_block():
+    rejects_in_words(check_transformer_block, TransformerBlockGateFirst, "in the feed-forward's GEGLU",
+                     "halves are swapped")
+
+
+class TransformerBlockWithAttentionBiases(MyTransformerBlock):
+    def __init__(self, dim, context_dim, heads):
+        super().__init__(dim, context_dim, heads)
+        self.attn1 = SelfAttention(dim, heads, qkv_bias=True)   # SD's self-attention has no q/k/v bias
+
+
+def test_check_transformer_block_lists_the_weights_a_constructor_has_too_many_of():
+    rejects(check_transformer_block, TransformerBlockWithAttentionBiases, "unexpected in yours: attn1.to_q.bias")
+
+
+class TransformerBlockHalfCrossAttention(MyTransformerBlock):
+    def forward(self, x, context):   # the cross-attention's output halved: a mistake the check does not list
+        x = x + self.attn1(self.norm1(x))
+        x = x + 0.5 * self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+def test_check_transformer_block_points_to_the_hints_for_a_mistake_it_does_not_know():
+    rejects_unrecognised(check_transformer_block, TransformerBlockHalfCrossAttention, "5.3")
 
 
 @pytest.mark.parametrize("cls, mistake", [
-    (SpatialTransformerDefaultEps, "eps=1e-6 there"),
+    (SpatialTransformerDefaultEps, "SD uses 1e-6 there"),
     (SpatialTransformerWithoutResidual, "residual is missing"),
     (SpatialTransformerBareReshape, "bare reshape"),
 ])
 def test_check_spatial_transformer_names_the_mistake(cls, mistake):
-    rejects(check_spatial_transformer, cls, "check_spatial_transformer failed", mistake)
+    rejects_in_words(check_spatial_transformer, cls, "check_spatial_transformer failed", mistake)
 
 
 def test_check_spatial_transformer_catches_the_epsilon_on_a_low_variance_input():
     message = rejects(check_spatial_transformer, SpatialTransformerDefaultEps, "random input 1 of 2")
-    assert "eps=1e-05 (nn.GroupNorm's default)" in message
+    assert "epsilon 1e-05 (PyTorch's default)" in message
+
+
+class SpatialTransformerHeightAndWidthExchanged(MySpatialTransformer):
+    def forward(self, x, context):   # tokens read back as (B, W, H, C)
+        b, c, h, w = x.shape
+        t = self.tokens(self.proj_in(self.norm(x)))
+        for block in self.blocks:
+            t = block(t, context)
+        return x + self.proj_out(t.reshape(b, w, h, c).permute(0, 3, 2, 1))
+
+
+class SpatialTransformerProjectedTwice(MySpatialTransformer):
+    def forward(self, x, context):   # proj_in applied twice: a mistake the check does not list
+        b, c, h, w = x.shape
+        t = self.tokens(self.proj_in(self.proj_in(self.norm(x))))
+        for block in self.blocks:
+            t = block(t, context)
+        return x + self.proj_out(t.transpose(1, 2).reshape(b, c, h, w))
+
+
+def test_check_spatial_transformer_names_height_and_width_exchanged():
+    rejects_in_words(check_spatial_transformer, SpatialTransformerHeightAndWidthExchanged,
+                     "height and width exchanged")
+
+
+def test_check_spatial_transformer_points_to_the_hints_for_a_mistake_it_does_not_know():
+    rejects_unrecognised(check_spatial_transformer, SpatialTransformerProjectedTwice, "5.4")
 
 
 @pytest.mark.parametrize("cls, mistake", [
     (UNetSkipsOfALevelInPushOrder, "in the order they were pushed"),
-    (UNetConcatenatesSkipFirst, "torch.cat([x, skip], dim=1)"),
-    (UNetPopsTheFirstSkip, "skips.pop() (the last one pushed comes back first)"),   # crashes: the hint says why
+    (UNetConcatenatesSkipFirst, "the up path's features first"),
+    (UNetPopsTheFirstSkip, "takes the last one pushed"),   # crashes: the hint says why
 ])
 def test_check_unet_forward_names_the_skip_mistake(cls, mistake):
-    rejects(check_unet_forward, cls, "check_unet_forward failed", mistake)
+    rejects_in_words(check_unet_forward, cls, "check_unet_forward failed", mistake)
+
+
+class UNetOutputDoubled(MyUNet):
+    def forward(self, latent, context, timestep):   # a mistake the check does not list
+        return 2 * super().forward(latent, context, timestep)
+
+
+def test_check_unet_forward_points_to_the_hints_for_a_mistake_it_does_not_know():
+    rejects_unrecognised(check_unet_forward, UNetOutputDoubled, "5.5")
 
 
 def test_check_unet_forward_reports_the_crash_of_a_queue_of_skips():
@@ -401,7 +528,7 @@ def test_check_unet_forward_reports_the_crash_of_a_queue_of_skips():
 def test_pick_goes_on_with_the_reference_unet_when_the_forward_is_not_written(capsys):
     class Stub(sd.DiffusionUNET):
         def forward(self, latent, context, timestep):
-            raise NotImplementedError("Exercise 5.6: push every output, pop on the way up")
+            raise NotImplementedError("Exercise 5.5: push every output, pop on the way up")
 
     assert pick(check_unet_forward, Stub, reference=sd.DiffusionUNET) is sd.DiffusionUNET
-    assert "not done yet: Exercise 5.6" in capsys.readouterr().out
+    assert "not done yet: Exercise 5.5" in capsys.readouterr().out

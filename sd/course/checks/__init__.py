@@ -5,7 +5,7 @@ else the reference from `sd`. The shared machinery, and how to add checks for a 
 """
 from .attention import (check_causal_attention, check_cross_attention, check_scaled_dot_product_attention,
                         check_self_attention)
-from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_quick_gelu
+from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_sigmoid_fit_error
 from .common import pick, try_check
 from .diffusion import check_identify, check_predictions, check_shift_schedule
 from .editing import check_inpainting_loop, check_inversion_loop, check_slerp
@@ -31,7 +31,7 @@ __all__ = [
     "check_vae_residual_block", "check_vae_attention_block", "check_reparameterize", "check_vae_encoder",
     "check_vae_decoder", "check_latent_scale",
     # 03 CLIP
-    "check_merge_pair", "check_bpe", "check_clip_embedding", "check_quick_gelu", "check_clip_layer",
+    "check_merge_pair", "check_bpe", "check_clip_embedding", "check_sigmoid_fit_error", "check_clip_layer",
     # 04 diffusion from scratch in pixels
     "check_pixel_loss", "check_ddpm_sampling",
     # 05 UNet

@@ -1,9 +1,9 @@
-"""Checks for notebook 03 (CLIP's text encoder): BPE merge and encoding, embeddings, quick-GELU, the CLIP layer.
+"""Checks for notebook 03 (CLIP's text encoder): BPE merge and encoding, embeddings, the quick-GELU fit, the CLIP layer.
 
-The BPE checks compare words (tuples of symbols) with `sd.bpe`; the others compare tensors with `sd.clip`. The
-`Mistake`s below recompute the reference the typical wrong ways (merging only the first occurrence, picking pairs
-left to right instead of by rank, exact GELU, post-norm, no causal mask, no position embedding, ...), so a wrong
-answer is named, not just reported.
+The BPE checks compare words (tuples of symbols) with `sd.bpe`; the others compare tensors with `sd.clip` (or, for
+the quick-GELU measurement, with the reference below). The `Mistake`s recompute the reference the typical wrong
+ways (merging only the first occurrence, picking pairs left to right instead of by rank, the exact GELU, post-norm,
+no causal mask, no position embedding, ...), so a wrong answer is named, in words, never as code.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from ...bpe import Pair, Word, bpe, learn_merges, merge_pair, word_to_symbols
 from ...clip import QUICK_GELU_SCALE, CLIPEmbedding, CLIPLayer, quick_gelu
-from .common import (Case, Mistake, check_function, check_module, qualified_name, randn, require_callable,
-                     seeded)
+from .common import (Case, Mistake, _crash_line, _hint_line, _more_help, _unknown_mistake, check_function, check_module,
+                     qualified_name, randn, require_callable, seeded)
 
 # More rank look-ups than any correct encoding of the check's words needs: the loop forgot to stop.
 MAX_RANK_LOOKUPS = 10_000
@@ -58,13 +58,20 @@ class _Ranks(Mapping):
 
 
 def _check_words(check_name: str, fn: Callable, reference: Callable, cases: Sequence[Case],
-                 mistakes: Sequence[Mistake] = (), hint: str = "", reference_name: str | None = None) -> bool:
-    """check_function for functions that return a word (a tuple of symbols); one pass line or AssertionError."""
+                 mistakes: Sequence[Mistake] = (), hint: str = "", reference_name: str | None = None,
+                 exercise: str | None = None) -> bool:
+    """check_function for functions that return a word (a tuple of symbols); one pass line or AssertionError.
+
+    As `common.check_function`: a known mistake is named in words; otherwise the message says what differs and
+    points to hint(exercise).
+    """
     require_callable(check_name, fn)
     ref_name = reference_name or qualified_name(reference)
-    hint_line = f"\n  Hint: {hint}" if hint else ""
+    hint_line = _hint_line(hint) + _unknown_mistake(exercise)
     for i, case in enumerate(cases):
-        where = f"{check_name} failed on example {i + 1} of {len(cases)} ({case.describe()})"
+        # the word and the ranks themselves: they are short, and the learner needs them to follow the merges
+        inputs = ", ".join(f"{name} {value!r}" for name, value in case.inputs.items())
+        where = f"{check_name} failed on example {i + 1} of {len(cases)} ({inputs})"
         # fresh look-up counters for every call: the reference and the mistakes get plain dicts
         plain = {name: dict(v._ranks) if isinstance(v, _Ranks) else v for name, v in case.inputs.items()}
         guarded = {name: _Ranks(plain[name]) if isinstance(v, _Ranks) else v for name, v in case.inputs.items()}
@@ -74,17 +81,18 @@ def _check_words(check_name: str, fn: Callable, reference: Callable, cases: Sequ
         except NotImplementedError:
             raise
         except _LoopsForever as e:
-            raise AssertionError(f"{where}: {e}\n  Hint: stop when no pair of the word is in ranks "
-                                 "(`if pair not in ranks: break`), and when the word is a single symbol") from None
+            raise AssertionError(f"{where}: {e}\n  Hint: stop as soon as the best pair left is not a learned "
+                                 "merge (not among the ranks), and when the word is a single symbol") from None
         except Exception as e:
-            raise AssertionError(f"{where}: your code raised {type(e).__name__}: {e}{hint_line}") from e
+            raise AssertionError(f"{where}: your code raised {type(e).__name__}: {e}{_crash_line(e)}"
+                                 f"{_hint_line(hint)}{_more_help(exercise)}") from e
         if not isinstance(got, tuple) or not all(isinstance(s, str) for s in got):
             raise AssertionError(f"{where}:\n  the output should be a tuple of symbols (str), as the exercise "
                                  f"states, got {type(got).__name__} {got!r}"[:300] + hint_line)
         if tuple(got) != expected:
             named = next((m.hint for m in mistakes if _same_word(m.compute(None, Case(plain)), got)), None)
             raise AssertionError(f"{where}:\n  got {tuple(got)!r}, expected {expected!r} (from {ref_name})"
-                                 + (f"\n  Hint: {named}" if named else hint_line))
+                                 + (_hint_line(named) if named else hint_line))
     print(f"✅ {check_name} passed: matches {ref_name} on {len(cases)} examples")
     return True
 
@@ -133,16 +141,18 @@ def check_merge_pair(fn) -> bool:
     mistakes = [
         Mistake("only the first occurrence is merged: merge every occurrence of the pair in the word",
                 wrong("first_only")),
-        Mistake("the last symbol is lost: when the scan ends, the symbol at the end that was not merged must "
-                "still be appended", wrong("drops_last")),
-        Mistake("a symbol is used in two merges: after merging word[i] and word[i+1], continue at i + 2 "
-                "(('a', 'a', 'a', 'a</w>') with ('a', 'a') gives ('aa', 'a', 'a</w>'))", wrong("overlapping")),
-        Mistake("text replacement also matches inside symbols ('ll o</w>' contains 'l o</w>'): compare whole "
-                "symbols, word[i] == first and word[i + 1] == second", wrong("string_replace")),
+        Mistake("the last symbol is lost: when the scan ends, a last symbol that was not merged must still go "
+                "into the new word", wrong("drops_last")),
+        Mistake("a symbol is used in two merges: after a merge, the scan goes on after BOTH joined symbols "
+                "(the word a a a a</w> with the pair a a gives aa a a</w>)", wrong("overlapping")),
+        Mistake("text replacement also matches inside symbols (the symbols 'll' and 'o</w>' written as text "
+                "contain 'l o</w>'): compare whole symbols, one neighbouring pair of symbols at a time",
+                wrong("string_replace")),
     ]
-    return _check_words("check_merge_pair", fn, merge_pair, cases, mistakes,
-                        hint="scan i = 0, 1, ...: if word[i] == pair[0] and word[i + 1] == pair[1], append the "
-                             "joined symbol and skip 2, else append word[i] and skip 1; return a tuple")
+    return _check_words("check_merge_pair", fn, merge_pair, cases, mistakes, exercise="3.1",
+                        hint="walk through the word once, left to right; where the symbol here and the next one are "
+                             "the pair, put the joined symbol in the new word and move on by two, else keep the "
+                             "symbol and move on by one; the result is a tuple")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,11 +167,11 @@ TOY_MERGES = 14
 def _encode_word(word: Word, ranks: Mapping[Pair, int], how: str) -> Word:
     """bpe done one wrong way."""
     for _ in range(MAX_RANK_LOOKUPS):
-        if len(word) < (3 if how == "stops_at_two" else 2):   # stops_at_two: `while len(word) > 2`
+        if len(word) < (3 if how == "stops_at_two" else 2):   # stops_at_two: the loop runs while 3+ symbols
             break
         pairs = list(zip(word[:-1], word[1:]))
         known = [p for p in pairs if p in ranks]
-        if how == "alphabetical":   # min(pairs) without key= compares the strings
+        if how == "alphabetical":   # the smallest pair as strings, not by rank
             pair = min(pairs)
             if pair not in ranks:
                 break
@@ -204,19 +214,20 @@ def check_bpe(fn) -> bool:
     mistakes = [
         Mistake("pairs are merged from left to right: always merge the pair with the LOWEST rank (the merge "
                 "learned first), wherever it is in the word", wrong("leftmost")),
-        Mistake("the pair with the highest rank is merged: the lowest rank (learned first) goes first, "
-                "min(..., key=lambda p: ranks.get(p, math.inf))", wrong("max_rank")),
-        Mistake("the pair is chosen without key=: min(pairs) compares the strings; choose by rank, "
-                "min(pairs, key=lambda p: ranks.get(p, math.inf))", wrong("alphabetical")),
-        Mistake("only one merge is made: repeat until no pair of the word is in ranks", wrong("one_merge")),
+        Mistake("the pair with the highest rank is merged: the lowest rank (learned first) goes first",
+                wrong("max_rank")),
+        Mistake("the pairs are compared as strings (alphabetically): choose the pair by its rank, counting a "
+                "pair that is not among the ranks as infinitely late", wrong("alphabetical")),
+        Mistake("only one merge is made: repeat until no pair of the word is a learned merge", wrong("one_merge")),
         Mistake("the loop stops with two symbols left: keep merging while the word has two or more symbols "
                 "(a learned word such as 'newest' ends as the single symbol 'newest</w>')", wrong("stops_at_two")),
-        Mistake("pairs that are not in ranks are merged too (the word ends as one symbol): stop as soon as the "
-                "best pair is not a learned merge, `if pair not in ranks: break`", wrong("no_stop")),
+        Mistake("pairs that are not among the ranks are merged too (the word ends as one symbol): stop as soon as "
+                "the best pair left is not a learned merge", wrong("no_stop")),
     ]
-    return _check_words("check_bpe", fn, bpe, _bpe_cases(), mistakes,
-                        hint="while the word has 2+ symbols: pair = min(get_pairs(word), key=lambda p: "
-                             "ranks.get(p, math.inf)); stop if pair not in ranks; word = merge_pair(word, pair)")
+    return _check_words("check_bpe", fn, bpe, _bpe_cases(), mistakes, exercise="3.2",
+                        hint="while the word has two or more symbols: among its neighbouring pairs take the one "
+                             "with the lowest rank (a pair missing from the ranks counts as infinitely late); stop "
+                             "if it is not a learned merge, else merge it everywhere and look again")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,58 +251,84 @@ def check_clip_embedding(cls) -> bool:
         return torch.cat([tok, pos.expand_as(tok)], dim=-1)
 
     mistakes = [
-        Mistake("the position embedding is missing: add position_embedding(torch.arange(T)) to the token "
-                "embeddings, or the transformer cannot tell 'red circle' from 'circle red'",
+        Mistake("the position embedding is missing: add the vector of each position 0 .. T-1 to the token "
+                "embeddings, or the layers above cannot tell 'red circle' from 'circle red' by position",
                 lambda ref, c: tokens_and_positions(ref, c)[0]),
         Mistake("the position embedding is looked up with the token ids: look it up with the positions "
-                "0..T-1, torch.arange(tokens.shape[1])",
+                "0, 1, ..., T-1, T being the number of tokens in the input",
                 lambda ref, c: ref.token_embedding(c.inputs["tokens"]) + ref.position_embedding(c.inputs["tokens"])),
         Mistake("only the position embedding is returned: add the token embeddings to it",
                 lambda ref, c: tokens_and_positions(ref, c)[1].expand(c.inputs["tokens"].shape[0], -1, -1)),
-        Mistake("the embeddings are concatenated: CLIP adds them, token_embedding(tokens) + "
-                "position_embedding(positions), keeping the width", concatenated),
+        Mistake("the embeddings are concatenated: CLIP adds the token's vector and the position's vector, "
+                "keeping the width", concatenated),
     ]
-    return check_module("check_clip_embedding", cls, CLIPEmbedding, cases, mistakes,
-                        hint="positions = torch.arange(T) with T = tokens.shape[1] (T can be shorter than "
-                             "max_tokens); return token_embedding(tokens) + position_embedding(positions)")
+    return check_module("check_clip_embedding", cls, CLIPEmbedding, cases, mistakes, exercise="3.3",
+                        hint="the positions are 0 .. T-1 with T the number of tokens of the input (T can be "
+                             "shorter than max_tokens); the output is the token embedding plus the position "
+                             "embedding, of the same width")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 3.4: quick-GELU
+# Exercise 3.4: where quick-GELU's 1.702 comes from (a measurement)
 # ----------------------------------------------------------------------------------------------------------
 
-def check_quick_gelu(fn) -> bool:
-    """Exercise 3.4: fn(x) = x * sigmoid(1.702 x), elementwise."""
+def normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Phi(x), the standard normal distribution's CDF: the gate of the exact GELU, x * Phi(x)."""
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def sigmoid_fit_error(scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(S,) scales c and (N,) points x -> (S,): the largest |sigmoid(c x) - Phi(x)| over the points, for each c."""
+    gates = torch.sigmoid(scales[:, None] * x[None, :])        # (S, 1) * (1, N) -> (S, N)
+    return (gates - normal_cdf(x)[None, :]).abs().amax(dim=1)   # (S, N) -> (S,)
+
+
+def check_sigmoid_fit_error(fn) -> bool:
+    """Exercise 3.4: fn(scales (S,), x (N,)) -> (S,), the largest gap between sigmoid(c x) and Phi(x) over x."""
     with seeded(21):
-        cases = [Case({"x": 3 * randn(4, 7)}), Case({"x": randn(2, 3, 5)}), Case({"x": torch.linspace(-6, 6, 25)})]
+        cases = [Case({"scales": torch.tensor([1.0, 1.596, QUICK_GELU_SCALE, 2.5]), "x": torch.linspace(-6, 6, 241)}),
+                 Case({"scales": 0.5 + 2 * torch.rand(5), "x": 3 * randn(50)}),
+                 Case({"scales": torch.tensor([QUICK_GELU_SCALE]), "x": torch.tensor([-2.0, -0.5, 0.0, 0.4, 1.5])})]
 
-    def wrong(f):
-        return lambda ref, c: f(c.inputs["x"])
+    def gap(gate=torch.sigmoid, cdf=normal_cdf, reduce="max", absolute=True, times_x=False):
+        def compute(ref, c):
+            s, x = c.inputs["scales"][:, None], c.inputs["x"][None, :]
+            diff = gate(s * x) - cdf(x)
+            diff = x * diff if times_x else diff
+            diff = diff.abs() if absolute else diff
+            return diff.amax(dim=1) if reduce == "max" else diff.mean(dim=1)
+        return compute
 
     mistakes = [
-        Mistake("this is the exact GELU, x * Phi(x) (F.gelu): CLIP was trained with quick-GELU, "
-                "x * sigmoid(1.702 x), and the weights only give CLIP's numbers with it", wrong(F.gelu)),
-        Mistake("this is the tanh approximation of GELU: CLIP uses quick-GELU, x * sigmoid(1.702 x)",
-                wrong(lambda x: F.gelu(x, approximate="tanh"))),
-        Mistake("this is SiLU, x * sigmoid(x): the sigmoid's input is scaled, x * sigmoid(1.702 x)",
-                wrong(F.silu)),
-        Mistake("the factor x is missing: quick-GELU is x * sigmoid(1.702 x), not sigmoid(1.702 x)",
-                wrong(lambda x: torch.sigmoid(QUICK_GELU_SCALE * x))),
-        Mistake("1.702 multiplies the result: it scales the sigmoid's input, x * sigmoid(1.702 x)",
-                wrong(lambda x: QUICK_GELU_SCALE * x * torch.sigmoid(x))),
+        Mistake("this is the mean gap over the points: the exercise asks for the largest one, the worst point "
+                "for each scale", gap(reduce="mean")),
+        Mistake("the gap has a sign: take its absolute value before the maximum, or points where the sigmoid "
+                "is below Phi(x) are never counted", gap(absolute=False)),
+        Mistake("Phi is computed as (1 + erf(x)) / 2: the normal CDF is (1 + erf(x / sqrt 2)) / 2",
+                gap(cdf=lambda x: 0.5 * (1 + torch.erf(x)))),
+        Mistake("these are the gaps of the activations, x sigmoid(c x) against x Phi(x): the exercise compares "
+                "the gates, sigmoid(c x) against Phi(x)", gap(times_x=True)),
+        Mistake("the scale multiplies the sigmoid's output: it stretches its input, sigmoid(c x)",
+                lambda ref, c: (c.inputs["scales"][:, None] * torch.sigmoid(c.inputs["x"][None, :])
+                                - normal_cdf(c.inputs["x"])[None, :]).abs().amax(dim=1)),
     ]
-    return check_function("check_quick_gelu", fn, quick_gelu, cases, mistakes,
-                          hint="return x * torch.sigmoid(1.702 * x)")
+    return check_function("check_sigmoid_fit_error", fn, sigmoid_fit_error, cases, mistakes, exercise="3.4",
+                          reference_name="the largest gap between sigmoid(c x) and Phi(x), per scale c",
+                          hint="for every scale c and every point x, the absolute difference between sigmoid(c x) "
+                               "and Phi(x) = (1 + erf(x / sqrt 2)) / 2; then the largest over the points, one "
+                               "number per scale")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 3.5: the CLIP layer
+# Exercise 3.5: the CLIP layer, built from its diagram (with quick-GELU in its MLP)
 # ----------------------------------------------------------------------------------------------------------
 
 def _clip_layer(ref, x, norm: str = "pre", causal: bool = True, gelu: str = "quick", attn_residual: bool = True,
                 mlp_residual: bool = True) -> torch.Tensor:
     """The reference CLIP layer's forward, with one thing done the wrong way (its weights)."""
-    act = {"quick": quick_gelu, "exact": F.gelu}[gelu]
+    act = {"quick": quick_gelu, "exact": F.gelu, "tanh": lambda y: F.gelu(y, approximate="tanh"), "silu": F.silu,
+           "scaled_result": lambda y: QUICK_GELU_SCALE * y * torch.sigmoid(y), "no_x": lambda y: torch.sigmoid(
+               QUICK_GELU_SCALE * y), "relu": F.relu}[gelu]
 
     def mlp(h):
         return ref.mlp.fc2(act(ref.mlp.fc1(h)))
@@ -307,27 +344,37 @@ def _clip_layer(ref, x, norm: str = "pre", causal: bool = True, gelu: str = "qui
 
 
 def check_clip_layer(cls) -> bool:
-    """Exercise 3.5: cls(width, heads, mlp_width); forward(x (B, T, C)) -> (B, T, C), pre-norm and causal."""
+    """Exercise 3.5: cls(width, heads, mlp_width) with layer_norm1, self_attn, layer_norm2, mlp.fc1, mlp.fc2;
+    forward(x (B, T, C)) -> (B, T, C), pre-norm and causal, quick-GELU in the MLP."""
     with seeded(22):
         cases = [Case({"x": randn(2, 7, 16)}, init={"width": 16, "heads": 2, "mlp_width": 64}),
                  Case({"x": randn(1, 5, 32)}, init={"width": 32, "heads": 4, "mlp_width": 128})]
+
     def wrong(**how):
         return lambda ref, c: _clip_layer(ref, c.inputs["x"], **how)
 
     mistakes = [
-        Mistake("there is no causal mask: token i must only see tokens 0..i, self_attn(h, causal=True)",
+        Mistake("there is no causal mask: token i must only see tokens 0 .. i (the attention's causal option)",
                 wrong(causal=False)),
-        Mistake("the LayerNorms come after the residual sums (post-norm): CLIP is pre-norm, "
-                "x = x + self_attn(layer_norm1(x)), then x = x + mlp(layer_norm2(x))", wrong(norm="post")),
-        Mistake("the MLP uses the exact GELU: CLIP's is quick-GELU, x * sigmoid(1.702 x)", wrong(gelu="exact")),
-        Mistake("the residual around the attention is missing: x = x + self_attn(layer_norm1(x), causal=True)",
+        Mistake("the LayerNorms come after the residual sums (post-norm): CLIP is pre-norm, each part works on "
+                "its normalised input and adds its result to the unnormalised x", wrong(norm="post")),
+        Mistake("the MLP uses the exact GELU, x Phi(x): CLIP's MLP uses quick-GELU, x sigmoid(1.702 x), and its "
+                "weights give CLIP's numbers only with it", wrong(gelu="exact")),
+        Mistake("the MLP uses the tanh approximation of GELU: CLIP's is quick-GELU, x sigmoid(1.702 x)",
+                wrong(gelu="tanh")),
+        Mistake("the MLP uses SiLU, x sigmoid(x): quick-GELU scales the sigmoid's input by 1.702",
+                wrong(gelu="silu")),
+        Mistake("in the MLP, 1.702 multiplies the result: it scales the sigmoid's input, x sigmoid(1.702 x)",
+                wrong(gelu="scaled_result")),
+        Mistake("in the MLP, the factor x is missing: quick-GELU is x times sigmoid(1.702 x), a gate on x",
+                wrong(gelu="no_x")),
+        Mistake("the MLP uses ReLU: CLIP's is quick-GELU, x sigmoid(1.702 x)", wrong(gelu="relu")),
+        Mistake("the residual around the attention is missing: add the attention's output to x",
                 wrong(attn_residual=False)),
-        Mistake("the residual around the MLP is missing: return x + mlp(layer_norm2(x))",
-                wrong(mlp_residual=False)),
+        Mistake("the residual around the MLP is missing: add the MLP's output to x", wrong(mlp_residual=False)),
         Mistake("layer_norm1 is used twice: the MLP's input goes through layer_norm2", wrong(norm="shared")),
     ]
     # check_module gives each LayerNorm its own random scale and shift, so a swapped or shared norm shows
-    return check_module("check_clip_layer", cls, CLIPLayer, cases, mistakes,
-                        hint="x = x + self_attn(layer_norm1(x), causal=True); "
-                             "return x + fc2(quick_gelu(fc1(layer_norm2(x))))")
-
+    return check_module("check_clip_layer", cls, CLIPLayer, cases, mistakes, exercise="3.5",
+                        hint="pre-norm and causal: x plus the causal self-attention of layer_norm1 of x; then that "
+                             "plus the MLP of its layer_norm2, the MLP being fc1, quick-GELU, fc2")

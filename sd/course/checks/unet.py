@@ -1,9 +1,9 @@
-"""Checks for notebook 05 (UNet): the timestep embedding, the residual block with time, GEGLU, the transformer block,
-the spatial transformer, and the UNet's forward with its skip connections.
+"""Checks for notebook 05 (UNet): the timestep embedding, the residual block with time, the transformer block with
+its GEGLU feed-forward, the spatial transformer, and the UNet's forward with its skip connections.
 
 Each check compares with `sd.timestep_embedding` / `sd.unet_blocks` / `sd.unet`; the `Mistake`s below recompute
 the reference the typical wrong ways (sin and cos swapped, time added before conv1, GEGLU halves swapped, eps 1e-5
-in front of the transformer, skips used in the wrong order, ...), so a wrong answer is named, not just reported.
+in front of the transformer, skips used in the wrong order, ...), so a wrong answer is named, in words, never as code.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _embedding(timesteps: torch.Tensor, dim: int, order: str = "cos_sin", diviso
 
 
 def check_timestep_embedding(fn) -> bool:
-    """Exercise 5.1: fn(timesteps (B,), dim) -> (B, dim) = [cos(t f_i), sin(t f_i)], f_i = 10000^(-i / (dim/2))."""
+    """Exercise 5.1: fn(timesteps (B,), dim) -> (B, dim) = [cos(t f_i), sin(t f_i)], f_i = 10000^(-i / h), h = dim/2."""
     with seeded(40):
         cases = [Case({"timesteps": torch.tensor([0, 1, 10, 500, 999]), "dim": 320}),
                  Case({"timesteps": torch.randint(0, 1000, (3,)), "dim": 64}),
@@ -59,24 +59,25 @@ def check_timestep_embedding(fn) -> bool:
         return lambda ref, c: _embedding(*c.inputs.values(), **how)
 
     mistakes = [
-        Mistake("sin and cos are swapped: SD puts the cosines first, torch.cat([cos, sin], dim=-1)",
-                wrong(order="sin_cos")),
+        Mistake("sin and cos are swapped: SD puts the h cosines first, then the h sines", wrong(order="sin_cos")),
         Mistake("cos and sin are interleaved (cos, sin, cos, sin, ...): SD puts all the cosines first, then all "
-                "the sines, torch.cat([cos, sin], dim=-1)", wrong(order="interleaved")),
-        Mistake("the frequencies grow: f_i = exp(-ln(10000) * i / half) goes from 1 down to 1/10000 (minus sign)",
+                "the sines", wrong(order="interleaved")),
+        Mistake("the frequencies grow: f_i = 10000^(-i/h) falls from 1 as i grows (a minus sign in the exponent)",
                 wrong(sign=1.0)),
-        Mistake("the exponent divides i by dim: divide by half = dim // 2, so that the frequencies reach 1/10000",
-                wrong(divisor="dim")),
-        Mistake("the exponent divides i by half - 1: SD divides by half = dim // 2 (diffusers' downscale_freq_shift=0)",
+        Mistake("the exponent divides i by dim: divide by h, half of dim, so that the lowest frequency is "
+                "10000^(-(h-1)/h), close to 1/10000", wrong(divisor="dim")),
+        Mistake("the exponent divides i by h - 1, so the lowest frequency is exactly 1/10000: SD divides by h, "
+                "half of dim (diffusers' downscale_freq_shift of 0), and stops one step short of 1/10000",
                 wrong(divisor="half_minus_1")),
-        Mistake("the frequencies are exp(-10000 * i / half): the base is 10000, i.e. exp(-ln(10000) * i / half) "
-                "= 10000 ** (-i / half) (take the log of 10000)", wrong(log_base=float(MAX_PERIOD))),
+        Mistake("the frequencies are e^(-10000 i/h): the base is 10000, f_i = e^(-ln(10000) i/h) = 10000^(-i/h) "
+                "(take the log of 10000)", wrong(log_base=float(MAX_PERIOD))),
     ]
     return check_function("check_timestep_embedding", fn, timestep_embedding, cases, mistakes,
-                          atol=EMBEDDING_ATOL,
-                          hint="the frequencies are f_i = exp(-ln(10000) * i / half), i = 0 .. half-1, half = dim // 2 "
-                               "(period 2*pi up to 2*pi*10000); args = t[:, None] * f[None, :]; "
-                               "output torch.cat([cos(args), sin(args)], dim=-1)")
+                          atol=EMBEDDING_ATOL, exercise="5.1",
+                          reference_name="the SD v1 timestep embedding, [cos(t f_i), sin(t f_i)]",
+                          hint="h = dim/2 frequencies f_i = 10000^(-i/h) for i = 0 .. h-1; every timestep times "
+                               "every frequency gives a (B, h) table of angles; the output is their h cosines, "
+                               "then their h sines")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,28 +123,29 @@ def check_res_block(cls) -> bool:
         return lambda ref, c: _res_block(ref, *c.inputs.values(), **how)
 
     mistakes = [
-        Mistake("the time embedding is added to the input, before conv1: add it to conv1's output "
-                "(h = conv1(...); h = h + time_emb_proj(silu(time_emb))[:, :, None, None])", wrong(time_at="input")),
+        Mistake("the time embedding is added to the input, before conv1: add it to conv1's output, one shift "
+                "per channel at every pixel", wrong(time_at="input")),
         Mistake("the time embedding is added before conv1: add it to conv1's output, between the two convolutions",
                 wrong(time_at="before_conv1")),
         Mistake("the time embedding is added after conv2: add it to conv1's output, between the two convolutions",
                 wrong(time_at="end")),
-        Mistake("the time embedding is not used: add time_emb_proj(silu(time_emb)), reshaped to (B, C_out, 1, 1), "
-                "to conv1's output", wrong(time_at=None)),
-        Mistake("the time embedding goes into time_emb_proj without a SiLU: time_emb_proj(F.silu(time_emb))",
+        Mistake("the time embedding is not used: turn it into one shift per output channel (SiLU, then "
+                "time_emb_proj), shaped (B, C_out, 1, 1), and add it to conv1's output", wrong(time_at=None)),
+        Mistake("the time embedding goes into time_emb_proj without a SiLU: SiLU first, then the projection",
                 wrong(time_silu=False)),
-        Mistake("the residual is missing: return skip + h, with skip = x (or conv_shortcut(x) when the width "
-                "changes)", wrong(residual=False)),
+        Mistake("the residual is missing: add the block's input (through conv_shortcut when the width changes) "
+                "to its output", wrong(residual=False)),
         Mistake("SiLU comes before GroupNorm: each half is GroupNorm, then SiLU, then the convolution",
                 wrong(silu_before_norm=True)),
     ]
-    return check_module("check_res_block", cls, ResBlock, cases, mistakes,
-                        hint="h = conv1(silu(norm1(x))); h = h + time_emb_proj(silu(time_emb))[:, :, None, None]; "
-                             "h = conv2(silu(norm2(h))); return (x or conv_shortcut(x)) + h")
+    return check_module("check_res_block", cls, ResBlock, cases, mistakes, exercise="5.2",
+                        hint="norm1, SiLU, conv1; plus the time shift (SiLU, time_emb_proj, one value per channel "
+                             "at every pixel); norm2, SiLU, conv2; plus the input, through conv_shortcut when the "
+                             "width changes")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 5.3: GEGLU
+# Exercise 5.3: the transformer block, with its GEGLU feed-forward
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -151,52 +153,55 @@ def _geglu(ref: GEGLU, x: torch.Tensor, value_first: bool = True, activation: st
     first, second = ref.proj(x).chunk(2, dim=-1)
     value, gate = (first, second) if value_first else (second, first)
     act = {"gelu": F.gelu, "tanh": lambda y: F.gelu(y, approximate="tanh"), "silu": F.silu,
-           "sigmoid": torch.sigmoid}[activation]
+           "sigmoid": torch.sigmoid, "none": lambda y: y}[activation]
     return value * act(gate)
 
 
+# The wrong gates a learner writes: (value first?, activation, what to say)
+GEGLU_MISTAKES = [
+    (False, "gelu", "the halves are swapped: the first half of the projection is the value, the second the gate"),
+    (True, "tanh", "this is the tanh approximation of GELU: SD uses the exact one, g Phi(g), with erf"),
+    (False, "tanh", "the halves are swapped and the GELU is the tanh approximation: value first, then the gate, "
+                    "and the exact GELU (with erf)"),
+    (True, "silu", "the gate goes through SiLU (that is SwiGLU): GEGLU's gate goes through GELU"),
+    (True, "sigmoid", "the gate goes through a sigmoid (that is GLU): GEGLU's gate goes through GELU"),
+    (True, "none", "the gate has no activation (a bilinear layer): the gate goes through GELU"),
+]
+
+
 def check_geglu(cls) -> bool:
-    """Exercise 5.3: cls(dim, inner_dim) with `proj`; forward(x (B, T, dim)) = value * GELU(gate), (B, T, inner_dim)."""
+    """Exercise 5.3 (its first part): cls(dim, inner_dim) with `proj`; forward(x (B, T, dim)) -> (B, T, inner_dim)."""
     with seeded(42):
         # 3 x randn spreads the gates over [-6, 6], where exact and tanh GELU differ by up to ~5e-4
         cases = [Case({"x": 3 * randn(2, 5, 16)}, init={"dim": 16, "inner_dim": 32}),
                  Case({"x": randn(1, 7, 8)}, init={"dim": 8, "inner_dim": 24})]
 
-    def wrong(**how):
-        return lambda ref, c: _geglu(ref, c.inputs["x"], **how)
+    def wrong(value_first, activation):
+        return lambda ref, c: _geglu(ref, c.inputs["x"], value_first, activation)
 
-    mistakes = [
-        Mistake("the halves are swapped: the first half of proj(x) is the value, the second the gate "
-                "(value, gate = proj(x).chunk(2, dim=-1); value * gelu(gate))", wrong(value_first=False)),
-        Mistake("this is the tanh approximation of GELU: SD uses the exact one, F.gelu(gate) "
-                "(approximate='none', with erf)", wrong(activation="tanh")),
-        Mistake("the halves are swapped and the GELU is the tanh approximation: value first, then the gate, "
-                "and the exact F.gelu(gate)", wrong(value_first=False, activation="tanh")),
-        Mistake("the gate goes through SiLU (that is SwiGLU): GEGLU uses GELU, F.gelu(gate)", wrong(activation="silu")),
-        Mistake("the gate goes through a sigmoid (that is GLU): GEGLU uses GELU, F.gelu(gate)",
-                wrong(activation="sigmoid")),
-    ]
-    return check_module("check_geglu", cls, GEGLU, cases, mistakes,
-                        hint="value, gate = self.proj(x).chunk(2, dim=-1); return value * F.gelu(gate)")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Exercise 5.4: the transformer block
-# ----------------------------------------------------------------------------------------------------------
+    mistakes = [Mistake(say, wrong(first, act)) for first, act, say in GEGLU_MISTAKES]
+    return check_module("check_geglu", cls, GEGLU, cases, mistakes, exercise="5.3",
+                        hint="project to twice the inner width, split into a value (first half) and a gate "
+                             "(second half), and multiply the value by the exact GELU of the gate")
 
 
 def _transformer_block(ref: TransformerBlock, x: torch.Tensor, context: torch.Tensor, residual: str = "all",
                        norms: str = "pre", cross_first: bool = False, keys_from_x: bool = False,
-                       norm_order: tuple[str, str, str] = ("norm1", "norm2", "norm3")) -> torch.Tensor:
-    """The reference block with residuals, norms (which one before which part) or its parts' order changed."""
+                       norm_order: tuple[str, str, str] = ("norm1", "norm2", "norm3"),
+                       gate: tuple[bool, str] = (True, "gelu")) -> torch.Tensor:
+    """The reference block with residuals, norms (which one before which part), its parts' order or its GEGLU
+    gate changed."""
     def self_attn(y):
         return ref.attn1(y)
 
     def cross_attn(y):
         return ref.attn2(y, y if keys_from_x else context)
 
+    def feed_forward(y):
+        return ref.ff.out(_geglu(ref.ff.geglu, y, *gate))
+
     first, second, third = (getattr(ref, name) for name in norm_order)
-    parts = [(first, self_attn), (second, cross_attn), (third, ref.ff)]
+    parts = [(first, self_attn), (second, cross_attn), (third, feed_forward)]
     if cross_first:
         parts[0], parts[1] = (ref.norm1, cross_attn), (ref.norm2, self_attn)
     for i, (norm, layer) in enumerate(parts):
@@ -211,7 +216,8 @@ def _transformer_block(ref: TransformerBlock, x: torch.Tensor, context: torch.Te
 
 
 def check_transformer_block(cls) -> bool:
-    """Exercise 5.4: cls(dim, context_dim, heads); forward(x (B, T, dim), context (B, S, context_dim)), (B, T, dim)."""
+    """Exercise 5.3: cls(dim, context_dim, heads) with norm1, attn1, norm2, attn2, norm3, ff (ff.geglu.proj, ff.out);
+    forward(x (B, T, dim), context (B, S, context_dim)) -> (B, T, dim)."""
     with seeded(43):
         # the first case has context_dim == dim, so keys taken from x instead of the context can be named
         cases = [Case({"x": randn(2, 6, 32), "context": randn(2, 5, 32)},
@@ -223,18 +229,20 @@ def check_transformer_block(cls) -> bool:
         return lambda ref, c: _transformer_block(ref, c.inputs["x"], c.inputs["context"], **how)
 
     mistakes = [
-        Mistake("the residuals are missing: each part adds to its input, x = x + attn1(norm1(x)), "
-                "x = x + attn2(norm2(x), context), x = x + ff(norm3(x))", wrong(residual="none")),
-        Mistake("the feed-forward's residual is missing: x = x + ff(norm3(x))", wrong(residual="not_ff")),
-        Mistake("the norms come after the residual (post-norm): SD normalizes the input of each part (pre-norm), "
-                "x = x + attn1(norm1(x))", wrong(norms="post")),
-        Mistake("the LayerNorms are missing: each part sees its input normalized, attn1(norm1(x)), "
-                "attn2(norm2(x), context), ff(norm3(x))", wrong(norms="none")),
+        Mistake("the residuals are missing: each part adds its output to its input x", wrong(residual="none")),
+        Mistake("the feed-forward's residual is missing: add the feed-forward's output to x",
+                wrong(residual="not_ff")),
+        Mistake("the norms come after the residual (post-norm): SD normalises the input of each part (pre-norm) "
+                "and adds the part's output to the unnormalised x", wrong(norms="post")),
+        Mistake("the LayerNorms are missing: each part sees its input normalised by its own LayerNorm",
+                wrong(norms="none")),
         Mistake("cross-attention comes before self-attention: the order is self-attention (attn1), "
                 "cross-attention (attn2), feed-forward (ff)", wrong(cross_first=True)),
-        Mistake("the cross-attention's keys and values come from x: pass the text, attn2(norm2(x), context)",
+        Mistake("the cross-attention's keys and values come from x: they come from the text, the context",
                 wrong(keys_from_x=True)),
     ]
+    mistakes += [Mistake(f"in the feed-forward's GEGLU, {say}", wrong(gate=(first, act)))
+                 for first, act, say in GEGLU_MISTAKES]
     # the check gives each LayerNorm its own random scale and shift, so a norm in the wrong place shows
     for order in itertools.permutations(("norm1", "norm2", "norm3")):
         if order != ("norm1", "norm2", "norm3"):
@@ -242,12 +250,13 @@ def check_transformer_block(cls) -> bool:
                 f"the LayerNorms are in the wrong places ({order[0]} before attn1, {order[1]} before attn2, "
                 f"{order[2]} before ff): each part has its own, attn1 after norm1, attn2 after norm2, ff after "
                 "norm3", wrong(norm_order=order)))
-    return check_module("check_transformer_block", cls, TransformerBlock, cases, mistakes,
-                        hint="x = x + attn1(norm1(x)); x = x + attn2(norm2(x), context); return x + ff(norm3(x))")
+    return check_module("check_transformer_block", cls, TransformerBlock, cases, mistakes, exercise="5.3",
+                        hint="three pre-norm parts, each adding its output to x: self-attention after norm1, "
+                             "cross-attention to the context after norm2, the GEGLU feed-forward after norm3")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 5.5: the spatial transformer
+# Exercise 5.4: the spatial transformer, built from its diagram
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -266,17 +275,25 @@ def _spatial_transformer(ref: SpatialTransformer, x: torch.Tensor, context: torc
         y = ref.proj_in(x)
     if tokens == "permute":
         y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)        # (B, C, H, W) -> (B, H*W, C)
+    elif tokens == "transposed_back":                         # in as (B, H*W, C), out read as (B, W, H, C)
+        y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)
     else:                                                     # a bare reshape mixes channels and pixels
         y = y.reshape(b, h * w, c)
     for block in ref.blocks:
         y = block(y, context)
-    y = y.reshape(b, h, w, c).permute(0, 3, 1, 2) if tokens == "permute" else y.reshape(b, c, h, w)
+    if tokens == "permute":
+        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    elif tokens == "transposed_back":
+        y = y.reshape(b, w, h, c).permute(0, 3, 2, 1)
+    else:
+        y = y.reshape(b, c, h, w)
     y = ref.proj_out(y)
     return x + y if residual else y
 
 
 def check_spatial_transformer(cls) -> bool:
-    """Exercise 5.5: cls(channels, context_dim, heads, depth, groups); forward(x (B, C, H, W), context (B, S, D))."""
+    """Exercise 5.4: cls(channels, context_dim, heads, depth, groups) with norm, proj_in, blocks, proj_out;
+    forward(x (B, C, H, W), context (B, S, D)) -> (B, C, H, W)."""
     with seeded(44):
         # the first input has a tiny variance, so the GroupNorm's epsilon (1e-6 vs 1e-5) shows in the output
         cases = [Case({"x": LOW_STD * randn(2, 32, 6, 6), "context": randn(2, 5, 16)},
@@ -288,25 +305,26 @@ def check_spatial_transformer(cls) -> bool:
         return lambda ref, c: _spatial_transformer(ref, c.inputs["x"], c.inputs["context"], **how)
 
     mistakes = [
-        Mistake(f"the GroupNorm in front of the transformer has eps={DEFAULT_GROUP_NORM_EPS:g} (nn.GroupNorm's "
-                f"default): SD uses eps=1e-6 there, nn.GroupNorm(groups, channels, eps=1e-6); it matters when the "
-                f"features have a small variance", wrong(eps=DEFAULT_GROUP_NORM_EPS)),
-        Mistake("the residual is missing: return x + proj_out(...), the input plus the transformer's change",
+        Mistake(f"the GroupNorm in front of the transformer has epsilon {DEFAULT_GROUP_NORM_EPS:g} (PyTorch's "
+                f"default): SD uses 1e-6 there; it matters when the features have a small variance",
+                wrong(eps=DEFAULT_GROUP_NORM_EPS)),
+        Mistake("the residual is missing: the output is the input plus what proj_out gives",
                 wrong(residual=False)),
-        Mistake("the pixels become tokens with a bare reshape, which mixes channels and pixels: permute "
-                "(B, C, H, W) -> (B, H, W, C) first, then reshape to (B, H*W, C) (and the reverse on the way back)",
-                wrong(tokens="reshape")),
-        Mistake("the GroupNorm is missing: proj_in(norm(x))", wrong(norm="none")),
-        Mistake("the GroupNorm comes after proj_in: normalize first, proj_in(norm(x))", wrong(norm="after_proj_in")),
+        Mistake("the pixels become tokens with a bare reshape, which mixes channels and pixels: move the channels "
+                "last first, (B, C, H, W) to (B, H, W, C), then flatten to (B, H*W, C), and the reverse on the "
+                "way back", wrong(tokens="reshape")),
+        Mistake("the tokens go back to an image with height and width exchanged: undo the flattening as "
+                "(B, H, W, C), then move the channels back to second place", wrong(tokens="transposed_back")),
+        Mistake("the GroupNorm is missing: normalise first, then proj_in", wrong(norm="none")),
+        Mistake("the GroupNorm comes after proj_in: normalise first, then proj_in", wrong(norm="after_proj_in")),
     ]
-    return check_module("check_spatial_transformer", cls, SpatialTransformer, cases, mistakes,
-                        hint="self.norm = nn.GroupNorm(groups, channels, eps=1e-6); in forward: "
-                             "h = proj_in(norm(x)); (B, C, H, W) -> (B, H*W, C); each block(h, context); "
-                             "back to (B, C, H, W); return x + proj_out(h)")
+    return check_module("check_spatial_transformer", cls, SpatialTransformer, cases, mistakes, exercise="5.4",
+                        hint="GroupNorm (epsilon 1e-6), proj_in, the pixels as H*W tokens of C features, each "
+                             "transformer block with the context, back to (B, C, H, W), proj_out, plus the input")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exercise 5.6: the UNet's forward, with its skip connections
+# Exercise 5.5: the UNet's forward, with its skip connections
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -356,24 +374,24 @@ def _unet_cases() -> list[Case]:
 
 
 def check_unet_forward(cls) -> bool:
-    """Exercise 5.6: cls a subclass of sd.DiffusionUNET whose forward(latent, context, timestep (B,)) you wrote."""
+    """Exercise 5.5: cls a subclass of sd.DiffusionUNET whose forward(latent, context, timestep (B,)) you wrote."""
     def wrong(**how):
         return lambda ref, c: _unet_forward(ref, *c.inputs.values(), **how)
 
     mistakes = [
         Mistake("the skips of each up level are used in the order they were pushed: the skips are a stack, "
-                "so take skips.pop() (the last one pushed) right before each up residual block",
+                "so each up residual block takes the last one pushed (last in, first out)",
                 wrong(pop_order="level_fifo")),
-        Mistake("the concatenation is the wrong way round: torch.cat([x, skip], dim=1), the up path's features "
-                "first, then the skip", wrong(concat="skip_first")),
-        Mistake("the skip is saved before the spatial transformer: push the output of the level's transformer "
-                "(res, then attn, then skips.append(x))", wrong(skip_after="res")),
-        Mistake("the final GroupNorm and SiLU are missing: return conv_out(F.silu(norm_out(x)))",
+        Mistake("the concatenation is the wrong way round: the up path's features first, then the skip, joined "
+                "along the channels", wrong(concat="skip_first")),
+        Mistake("the skip is saved before the spatial transformer: push what the level's transformer gives "
+                "(residual block, then transformer, then push)", wrong(skip_after="res")),
+        Mistake("the final GroupNorm and SiLU are missing: norm_out, SiLU, then conv_out",
                 wrong(final_norm=False)),
-        Mistake("the mid block is skipped: x = self.mid(x, emb, context) between the down and the up path",
-                wrong(mid=False)),
+        Mistake("the mid block is skipped: it runs between the down and the up path, with the time embedding "
+                "and the context", wrong(mid=False)),
     ]
-    return check_module("check_unet_forward", cls, DiffusionUNET, _unet_cases(), mistakes,
-                        hint="skips are a stack: push conv_in's output, then every residual block's (or its "
-                             "transformer's) output and every downsampled output; on the way up, skips.pop() "
-                             "(the last one pushed comes back first) and x = res(torch.cat([x, skip], dim=1), emb)")
+    return check_module("check_unet_forward", cls, DiffusionUNET, _unet_cases(), mistakes, exercise="5.5",
+                        hint="the skips are a stack: push conv_in's output, then every residual block's (or its "
+                             "transformer's) output and every downsampled output; on the way up, each residual "
+                             "block takes the last one pushed, joined after x along the channels")
