@@ -1,8 +1,21 @@
-"""Input validation shared by the models: one clear line about what was expected, before any matmul."""
+"""Input validation shared by the models and every API: one clear line about what was expected, before any work.
+
+The conventions every sampling or editing API follows (generate, inpaint, invert, interpolate, generate_with_loss;
+the ControlNet and LCM APIs to come), so that one mistake reads the same everywhere:
+- step 0 of the function checks every argument with these functions, before any model runs or any state changes;
+  an adapter checks its whole file too, then applies it (a refused call leaves the pipeline as it was);
+- the message is one line, "<name> must <rule>, got <type> <value>" (a hint in parentheses where one helps);
+  TypeError for a wrong type (a bool or a str is not a number), ValueError for a wrong value;
+- seeds `require_seed`, step counts `require_steps`, strengths `require_strength`, scales (guidance, LoRA, loss)
+  `require_scale`, options `require_choice`/`require_flag`, prompts `require_prompts`/`require_text`;
+- every picture (init image, mask, control image) `require_picture(name, value, mask=...)`: see its rules below.
+"""
 from __future__ import annotations
 
 import math
+import os
 from numbers import Integral, Real
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,6 +68,17 @@ def require_text(value, name: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}")
     return value
+
+
+def require_file(value, name: str, what: str) -> Path:
+    """The path (str or os.PathLike) of an existing file, e.g. a LoRA or an embedding; else one line."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be the path of a {what} (a str or pathlib.Path), got {type(value).__name__} "
+                        f"{value!r}")
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}" + (" (a folder)" if path.is_dir() else ""))
+    return path
 
 
 def require_finite_tensor(x, name: str) -> torch.Tensor:

@@ -304,3 +304,12 @@ def test_add_lora_refuses_a_bad_rank_or_alpha_before_freezing_the_model(pipe, ra
     assert words in one_line(e.value)
     assert all(p.requires_grad for p in pipe.unet.parameters())                 # not frozen
     assert list(pipe.unet.state_dict()) == list(weights)                         # no layer wrapped
+
+
+@pytest.mark.parametrize("load, what", [("load_lora_weights", "LoRA file"),
+                                        ("load_textual_inversion", "textual-inversion file")])
+def test_an_adapter_path_that_is_not_a_file_is_named(pipe, tmp_path, load, what):
+    refused(pipe, lambda: getattr(pipe, load)(None), TypeError,
+            f"path must be the path of a {what} (a str or pathlib.Path), got NoneType None")
+    refused(pipe, lambda: getattr(pipe, load)(tmp_path / "absent.safetensors"), FileNotFoundError,
+            f"no {what} at {tmp_path / 'absent.safetensors'}")

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..io.keys import diffusers_unet_key, transformers_clip_key
 from ..io.safe_read import SAFETENSORS_SUFFIX, read_tensors, save_safetensors
-from ..validation import require_scale
+from ..validation import require_file, require_scale
 from .lora import LoRALayer, innermost, inject_lora, lora_layers, replace_module
 
 # diffusers' safetensors metadata entry with PEFT's LoraConfig of each model (diffusers/loaders/lora_base.py).
@@ -193,7 +193,7 @@ def load_lora_weights(pipe, path: str | Path, scale: float = 1.0) -> dict[str, i
     leaves the pipeline exactly as it was.
     """
     scale = require_scale(scale, "scale")
-    path = Path(path)
+    path = require_file(path, "path", "LoRA file")
     models = {UNET: pipe.unet, TEXT_ENCODER: pipe.clip}
     found = read_lora_file(path)
     planned = []

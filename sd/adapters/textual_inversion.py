@@ -19,6 +19,7 @@ from torch import nn
 from ..diffusion import diffusion_loss
 from ..io.safe_read import read_tensors
 from ..tokenizer import clean_text
+from ..validation import require_file
 
 # Keys of the A1111 layouts.
 A1111_PARAMS, A1111_ANY_STRING, A1111_NAME = "string_to_param", "*", "name"
@@ -33,7 +34,7 @@ def read_embedding_file(path: str | Path, token: str | None = None) -> tuple[str
     if token is not None and not isinstance(token, str):
         raise TypeError(f"token must be a string (the new word, e.g. '<my-shape>') or None, got "
                         f"{type(token).__name__} {token!r}")
-    path = Path(path)
+    path = require_file(path, "path", "textual-inversion file")
     state, _ = read_tensors(path)     # .pt/.bin read with weights_only=True: tensors, strings and ints only
     if A1111_PARAMS in state:
         params = state[A1111_PARAMS]
