@@ -21,7 +21,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..images import as_mask_image, as_rgb_image, to_pil
 from ..samplers import q_sample, randn
