@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 from ..io.checkpoint import load_checkpoint
-from ..training.evaluation import DEFAULT_GUIDANCE, DEFAULT_PER_PROMPT, DEFAULT_STEPS, evaluate_model, format_report
+from ..training.evaluation import (DEFAULT_GUIDANCE, DEFAULT_PER_PROMPT, DEFAULT_STEPS, evaluate_model,
+                                   format_report, prompt_set)
 from .arguments import add_device_option, positive_int, random_seed
 
 
@@ -12,7 +13,10 @@ def add_parser(sub) -> None:
     """Add `evaluate` to the subcommands."""
     p = sub.add_parser("evaluate", help="prompt accuracy of a model on the shapes prompts",
                        description="Generate images for a fixed prompt set (seen and held-out attribute "
-                                   "combinations), judge them with an attribute classifier, print the accuracy.")
+                                   "combinations), judge them with an attribute classifier, print the accuracy. "
+                                   f"At the defaults: three runs of {len(prompt_set()) * DEFAULT_PER_PROMPT} images "
+                                   "(at generate's defaults, guided, unguided), about 4 minutes on 2 CPU cores; "
+                                   "--per-prompt 1 draws a quarter of the images. Progress goes to stderr.")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="a model.safetensors (default: the shipped model)")
     p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
@@ -23,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=random_seed, default=0, help="noise seed, 0 .. 2**64-1 (default 0)")
     add_device_option(p)
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    p.add_argument("--quiet", action="store_true", help="no progress lines or bars (they go to stderr)")
     p.set_defaults(handler=run_evaluate)
 
 
@@ -30,5 +35,5 @@ def run_evaluate(args) -> None:
     """Handler of `evaluate`: prompt accuracy with and without guidance, and the VAE's PSNR."""
     model = load_checkpoint(args.checkpoint, device=args.device, dtype=None)
     report = evaluate_model(model, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                            per_prompt=args.per_prompt, seed=args.seed)
+                            per_prompt=args.per_prompt, seed=args.seed, progress=not args.quiet)
     print(json.dumps(report) if args.json else format_report(report))

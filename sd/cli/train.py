@@ -19,7 +19,8 @@ from ..training.stages import BATCH_SIZES, BUDGET_SHARE, DEFAULT_DATASET_SIZE, S
     train_stage
 from .arguments import add_device_option, positive_float, positive_int, random_seed
 
-# The command that made the shipped model (README); `python -m sd train all` with no options repeats it.
+# The command that made the shipped model (README); `python -m sd train all` with no options repeats it, and a
+# single stage with no options trains for its share of it (vae 14.4, text 2.4, unet 31.2 minutes).
 DEFAULT_MINUTES = 48.0
 DEFAULT_IMAGE_SIZE = 32
 # Losses averaged for the "final_loss" figure: one step's loss is noisy.
@@ -30,7 +31,10 @@ def add_parser(sub) -> None:
     """Add `train` to the subcommands."""
     p = sub.add_parser("train", help="train the VAE, text encoder and UNet on the shapes dataset",
                        description="Train SD's models on captioned shapes drawn by code (no download). "
-                                   "Stages run in order: vae, text, unet; 'all' runs the three.")
+                                   "Stages run in order: vae, text, unet; 'all' runs the three. By default "
+                                   f"'all' takes {DEFAULT_MINUTES:g} minutes (the shipped model's recipe) and a "
+                                   f"stage its share: {default_minutes_text()}; --minutes or --steps make it "
+                                   "shorter (e.g. --minutes 2). A progress bar shows the time spent and left.")
     p.add_argument("stage", choices=(*STAGES, "all"), help="which model to train ('all': the three in order)")
     p.add_argument("--out", default="runs/shapes", metavar="DIR",
                    help="folder for checkpoints, loss plots and model.safetensors (default runs/shapes)")
@@ -38,7 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--minutes", type=positive_float, default=None,
                    help=f"wall-clock budget; for 'all' shared "
                         f"{'/'.join(f'{BUDGET_SHARE[s]:.0%}' for s in STAGES).replace('%', '%%')} between the stages "
-                        f"(default {DEFAULT_MINUTES:g} when --steps is not given)")
+                        f"(default when --steps is not given: {DEFAULT_MINUTES:g} for all; "
+                        f"{default_minutes_text()})")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="global batch size, split over data-parallel processes "
                         f"(default {', '.join(f'{k} {v}' for k, v in BATCH_SIZES.items())})")
@@ -62,6 +67,15 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run_train)
 
 
+def default_minutes(stage: str) -> float:
+    """The time budget of `train <stage>` without --minutes or --steps: the recipe's, or the stage's share of it."""
+    return DEFAULT_MINUTES if stage == "all" else DEFAULT_MINUTES * BUDGET_SHARE[stage]
+
+
+def default_minutes_text() -> str:
+    return ", ".join(f"{s} {default_minutes(s):g}" for s in STAGES)
+
+
 def stage_figures(run: dict) -> dict:
     """The figures printed for a finished stage: steps, minutes, mean final loss, and the stage's own measure."""
     last = run["losses"][-FINAL_LOSS_STEPS:]
@@ -76,7 +90,7 @@ def stage_figures(run: dict) -> dict:
 def run_train(args) -> None:
     """Handler of `train`: one stage or all, with a step and/or time budget."""
     # 1. every option is checked before a process group starts or the dataset is drawn
-    minutes = args.minutes if (args.minutes or args.steps) else DEFAULT_MINUTES
+    minutes = args.minutes if (args.minutes or args.steps) else default_minutes(args.stage)
     opts = TrainOptions(out_dir=args.out, steps=args.steps, minutes=minutes, batch_size=args.batch_size,
                         lr=args.lr, seed=args.seed, resume=args.resume, device=args.device,
                         checkpoint_every=args.checkpoint_every, progress=not args.quiet,
@@ -98,7 +112,7 @@ def run_train(args) -> None:
             if args.stage == "all":
                 train_all(opts, args.preset, args.image_size, args.dataset_size, report=report)
             else:
-                dataset = make_dataset(args.image_size, args.dataset_size, args.seed)
+                dataset = make_dataset(args.image_size, args.dataset_size, args.seed, progress=opts.progress and rank == 0)
                 report(args.stage, train_stage(args.stage, opts, args.preset, dataset, args.image_size))
     finally:
         close_distributed()

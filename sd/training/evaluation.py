@@ -13,11 +13,14 @@ Images come from the model's own pipeline (`model.generate`): its scheduler, its
 """
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import (ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, COLORS, HELD_OUT, POSITIONS, SHAPES, SIZES, ShapesDataset,
                    caption_for, training_combinations)
@@ -33,9 +36,12 @@ CLASSIFIER_FILE = Path(__file__).parent.parent / "assets" / "attribute_classifie
 CLASSIFIER_TRAIN_SEED, CLASSIFIER_TEST_SEED = 101, 102
 CLASSIFIER_TRAIN_SIZE, CLASSIFIER_TEST_SIZE = 12_000, 2_000
 CLASSIFIER_STEPS, CLASSIFIER_BATCH, CLASSIFIER_LR = 1000, 128, 2e-3
+CLASSIFIER_EVAL_BATCH = 250     # images per batch when the judge is measured (a progress step every few seconds)
 BLUR_PROBABILITY = 0.5          # augmentation: generated images are softer than drawn ones
 NOISE_STD = 0.05                # augmentation: small pixel noise, in the [-1, 1] range
 PSNR_IMAGES = 512
+# The three runs of the evaluation, as the report names them.
+RUN_TITLES = {"generate_defaults": "at generate's defaults", "guided": "guided", "unguided": "unguided"}
 # The six layouts a full caption can ask for: a large shape sits in the centre, a small one anywhere.
 LAYOUTS = (("large", "center"),) + tuple(("small", p) for p in POSITIONS)
 
@@ -107,7 +113,6 @@ def _augment(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def train_classifier(steps: int = CLASSIFIER_STEPS, image_size: int = 32, progress: bool = False) -> AttributeClassifier:
     """Train the judge on ground truth (all 90 combinations: it must know the held-out ones too)."""
-    from tqdm.auto import tqdm
     data = ShapesDataset(CLASSIFIER_TRAIN_SIZE, image_size, seed=CLASSIFIER_TRAIN_SEED, split="all")
     model = AttributeClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=CLASSIFIER_LR)
@@ -124,16 +129,19 @@ def train_classifier(steps: int = CLASSIFIER_STEPS, image_size: int = 32, progre
     return model.eval()
 
 
-def classifier_accuracy(classifier: AttributeClassifier, image_size: int = 32) -> dict[str, float]:
+def classifier_accuracy(classifier: AttributeClassifier, image_size: int = 32,
+                        progress: bool = False) -> dict[str, float]:
     """Accuracy of the judge on fresh real images: per attribute and all five at once."""
-    data = ShapesDataset(CLASSIFIER_TEST_SIZE, image_size, seed=CLASSIFIER_TEST_SEED, split="all")
-    pred = torch.cat([classifier.predict(data.pixels(slice(i, i + 500))) for i in range(0, len(data), 500)])
+    data = ShapesDataset(CLASSIFIER_TEST_SIZE, image_size, seed=CLASSIFIER_TEST_SEED, split="all", progress=progress)
+    starts = tqdm(range(0, len(data), CLASSIFIER_EVAL_BATCH), disable=not progress, unit="batch",
+                  desc="attribute classifier on real images")
+    pred = torch.cat([classifier.predict(data.pixels(slice(i, i + CLASSIFIER_EVAL_BATCH))) for i in starts])
     right = pred == data.labels                                           # (N, 5)
     return {**{name: right[:, k].float().mean().item() for k, name in enumerate(ATTRIBUTE_NAMES)},
             "all": right.all(1).float().mean().item()}
 
 
-def load_classifier(path: str | Path = CLASSIFIER_FILE, check: bool = True) -> AttributeClassifier:
+def load_classifier(path: str | Path = CLASSIFIER_FILE, check: bool = True, progress: bool = False) -> AttributeClassifier:
     """The shipped judge (trained here if the file is missing), checked >= 99% right on real images, per attribute."""
     from safetensors.torch import load_file, save_file
     path = Path(path)
@@ -142,16 +150,22 @@ def load_classifier(path: str | Path = CLASSIFIER_FILE, check: bool = True) -> A
         model.load_state_dict(load_file(str(path)))
         model.eval()
     else:
-        model = train_classifier()
+        say(progress, f"{path} is missing: training the attribute classifier ({CLASSIFIER_STEPS} steps)")
+        model = train_classifier(progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     if check:
-        acc = classifier_accuracy(model)
-        worst = min(ATTRIBUTE_NAMES, key=acc.get)
-        if acc[worst] < CLASSIFIER_MIN_ACCURACY:
-            raise RuntimeError(f"the attribute classifier is only {acc[worst]:.3f} right about {worst} on real images "
-                               f"(needs {CLASSIFIER_MIN_ACCURACY} for each attribute); delete {path} to retrain it")
+        say(progress, f"checking the attribute classifier on {CLASSIFIER_TEST_SIZE:,} real images")
+        require_reliable_judge(classifier_accuracy(model, progress=progress), path)
     return model
+
+
+def require_reliable_judge(accuracy: dict[str, float], path: str | Path) -> None:
+    """Stop when the judge is less than 99% right about any attribute on real images: its verdicts would not count."""
+    worst = min(ATTRIBUTE_NAMES, key=accuracy.get)
+    if accuracy[worst] < CLASSIFIER_MIN_ACCURACY:
+        raise RuntimeError(f"the attribute classifier is only {accuracy[worst]:.3f} right about {worst} on real "
+                           f"images (needs {CLASSIFIER_MIN_ACCURACY} for each attribute); delete {path} to retrain it")
 
 
 # --- generation and scoring ----------------------------------------------------------------------------------------
@@ -192,7 +206,7 @@ def _rates(right: torch.Tensor, said: torch.Tensor) -> dict[str, float]:
 
 def prompt_accuracy(model, classifier: AttributeClassifier, guidance_scale: float = DEFAULT_GUIDANCE,
                     num_inference_steps: int = DEFAULT_STEPS, per_prompt: int = DEFAULT_PER_PROMPT,
-                    seed: int = 0, prompts=None) -> dict:
+                    seed: int = 0, prompts=None, progress: bool = False) -> dict:
     """How often the picture shows what the prompt says, judged by the classifier.
 
     prompts: [(key, held_out)], key (shape, color, background[, size, position]); default prompt_set().
@@ -202,7 +216,10 @@ def prompt_accuracy(model, classifier: AttributeClassifier, guidance_scale: floa
     prompts = prompts or prompt_set()
     keys = [key for key, _ in prompts for _ in range(per_prompt)]
     held = torch.tensor([h for _, h in prompts for _ in range(per_prompt)])
-    images = generate(model, [prompt_caption(k) for k in keys], num_inference_steps, guidance_scale, seed)
+    # one batch, as the published figures were made (the noise of image i follows from the seed and i); with
+    # progress, the sampler's bar counts its steps
+    images = generate(model, [prompt_caption(k) for k in keys], num_inference_steps, guidance_scale, seed,
+                      progress=progress)
     right = score(classifier, images, keys)                                 # (N, 5)
     said = _want(keys) >= 0                                                 # (N, 5)
     overall = _rates(right, said)
@@ -212,30 +229,47 @@ def prompt_accuracy(model, classifier: AttributeClassifier, guidance_scale: floa
             "by_split": split, "images": len(keys), "guidance_scale": guidance_scale, "steps": num_inference_steps}
 
 
-def model_psnr(model, image_size: int | None = None) -> float:
+def model_psnr(model, image_size: int | None = None, progress: bool = False) -> float:
     """The VAE's reconstruction PSNR (dB) on fresh real images."""
     f = model.encoder.config.downsample_factor
     size = image_size or model.unet.config.sample_size * f
     data = ShapesDataset(PSNR_IMAGES, size, seed=CLASSIFIER_TEST_SEED, split="all")
-    return vae_psnr(model.encoder, model.decoder, data.pixels(slice(None)))
+    return vae_psnr(model.encoder, model.decoder, data.pixels(slice(None)), progress=progress)
 
 
 def evaluate_model(model, num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                    per_prompt: int = DEFAULT_PER_PROMPT, seed: int = 0, classifier=None,
-                   generate_defaults: bool = True) -> dict:
+                   generate_defaults: bool = True, progress: bool = False) -> dict:
     """Everything `python -m sd evaluate` prints, as a dict: the judge on real images, the prompt accuracy at
-    generate's defaults (50 DDIM steps, guidance 7.5), at the given settings, and without guidance; the PSNR."""
-    classifier = classifier or load_classifier()
+    generate's defaults (50 DDIM steps, guidance 7.5), at the given settings, and without guidance; the PSNR.
+
+    progress: a line on stderr as each part starts (run k of n, what it draws) and the sampler's progress bar.
+    """
+    start = time.time()
     runs = {"generate_defaults": (GENERATE_GUIDANCE, GENERATE_STEPS)} if generate_defaults else {}
     runs.update({"guided": (guidance_scale, num_inference_steps), "unguided": (1.0, num_inference_steps)})
-    report = {"classifier_on_real_images": classifier_accuracy(classifier)}
-    for name, (scale, steps) in runs.items():
-        report[name] = prompt_accuracy(model, classifier, scale, steps, per_prompt, seed)
-    report["vae_psnr_db"] = model_psnr(model)
+    shipped = classifier is None
+    classifier = classifier or load_classifier(check=False, progress=progress)
+    say(progress, f"the attribute classifier on {CLASSIFIER_TEST_SIZE:,} real images")
+    report = {"classifier_on_real_images": classifier_accuracy(classifier, progress=progress)}
+    if shipped:             # measured once: the same figure checks the shipped judge and goes into the report
+        require_reliable_judge(report["classifier_on_real_images"], CLASSIFIER_FILE)
+    images = len(prompt_set()) * per_prompt
+    for k, (name, (scale, steps)) in enumerate(runs.items(), start=1):
+        say(progress, f"[{time.time() - start:4.0f} s] run {k} of {len(runs)}, prompt accuracy {RUN_TITLES[name]}: "
+                      f"{images} images, scale {scale:g}, {steps} DDIM steps, in one batch")
+        report[name] = prompt_accuracy(model, classifier, scale, steps, per_prompt, seed, progress=progress)
+    say(progress, f"[{time.time() - start:4.0f} s] the VAE's reconstruction PSNR")
+    report["vae_psnr_db"] = model_psnr(model, progress=progress)
+    say(progress, f"[{time.time() - start:4.0f} s] done")
     return report
 
 
-RUN_TITLES = {"generate_defaults": "at generate's defaults", "guided": "guided", "unguided": "unguided"}
+def say(progress: bool, message: str) -> None:
+    """A progress line on stderr (stdout keeps the report, e.g. `evaluate --json`)."""
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
 
 
 def format_report(report: dict) -> str:

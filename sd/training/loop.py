@@ -32,6 +32,8 @@ EMA_DECAY = 0.999                  # UNet weight averaging, as SD's `use_ema` (t
 EMA_WARMUP = 10                    # decay_t = min(EMA_DECAY, (1 + t) / (EMA_WARMUP + t)), so early averages move fast
 SEED_STRIDE = 1_000_003            # a prime to mix (seed, step, rank) into one generator seed
 SEED_MODULUS = 2**64               # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+# tqdm's bar for a time budget: the share of the budget spent, the time spent and left, then step, loss, lr
+TIME_BAR = "{l_bar}{bar}| {elapsed}<{remaining}{postfix}"
 
 
 @dataclass
@@ -45,7 +47,7 @@ class TrainOptions:
     lr: float | None = None        # peak learning rate; None: the stage's default (both in stages.py)
     seed: int = 0
     resume: bool = False
-    device: str | None = None      # default: CUDA when available, else CPU
+    device: str | None = None      # default: CUDA when available, else Apple's MPS, else CPU
     checkpoint_every: int = 200
     progress: bool = True
     save_all_ranks: bool = False   # also write each rank's final weights (to check that ranks agree)
@@ -194,7 +196,12 @@ def train_loop(name: str, model: nn.Module, step_loss: Callable, opts: TrainOpti
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     use_amp = device.type == "cuda"   # mixed precision on GPUs: bfloat16 matmuls, float32 weights
     budget = opts.minutes * 60 if opts.minutes is not None else math.inf
-    bar = tqdm(total=opts.steps, initial=step, desc=f"train {name}", disable=not opts.progress or rank > 0)
+    # the bar counts steps when a step budget is given, else the seconds of the time budget (how far, and how long
+    # is left); its postfix has the step, the loss and the learning rate
+    by_time = opts.steps is None
+    bar = tqdm(total=round(budget) if by_time else opts.steps, initial=round(seconds_before) if by_time else step,
+               desc=f"train {name}" + (f" ({opts.minutes:g} min)" if by_time else ""),
+               bar_format=TIME_BAR if by_time else None, disable=not opts.progress or rank > 0)
     start = time.time()
     model.train()
     with StopRequests() as stop:
@@ -217,8 +224,8 @@ def train_loop(name: str, model: nn.Module, step_loss: Callable, opts: TrainOpti
                 ema.update(model, step)
             step += 1
             losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+            bar.update(min(round(seconds_before + time.time() - start), bar.total) - bar.n if by_time else 1)
+            bar.set_postfix({"step": step, "loss": f"{losses[-1]:.4f}", "lr": f"{optimizer.param_groups[0]['lr']:.1e}"})
             if step % opts.checkpoint_every == 0 and rank == 0:
                 save(ckpt, seconds_before + time.time() - start)
         bar.close()

@@ -13,6 +13,7 @@ import torch
 
 from ..runtime.device import resolve_device
 from .data import ShapesDataset
+from .distributed import rank_and_world
 from .loop import TrainOptions
 from .presets import get_preset
 from .text import load_text_encoder, train_text_encoder
@@ -29,9 +30,10 @@ BATCH_SIZES = {"vae": 64, "text": 128, "unet": 128}
 DEFAULT_DATASET_SIZE = 20_000
 
 
-def make_dataset(image_size: int = 32, length: int = DEFAULT_DATASET_SIZE, seed: int = 0) -> ShapesDataset:
+def make_dataset(image_size: int = 32, length: int = DEFAULT_DATASET_SIZE, seed: int = 0,
+                 progress: bool = False) -> ShapesDataset:
     """The training split (held-out combinations excluded)."""
-    return ShapesDataset(length, image_size=image_size, seed=seed, split="train")
+    return ShapesDataset(length, image_size=image_size, seed=seed, split="train", progress=progress)
 
 
 def train_stage(stage: str, opts: TrainOptions, preset: str = "small", dataset: ShapesDataset | None = None,
@@ -43,7 +45,7 @@ def train_stage(stage: str, opts: TrainOptions, preset: str = "small", dataset: 
     torch.manual_seed(opts.seed)          # the same initial weights for the same seed (and on every rank)
     opts = dataclasses.replace(opts, lr=opts.lr or LEARNING_RATES[stage],
                                batch_size=opts.batch_size or BATCH_SIZES[stage])
-    dataset = dataset or make_dataset(image_size, seed=opts.seed)
+    dataset = dataset or make_dataset(image_size, seed=opts.seed, progress=opts.progress and rank_and_world()[0] == 0)
     out = Path(opts.out_dir)
     if stage == "vae":
         return train_vae(dataset, p.vae, opts)
@@ -64,7 +66,7 @@ def train_all(opts: TrainOptions, preset: str = "small", image_size: int = 32,
 
     report(stage, run), when given, is called as each stage ends (the command line prints its figures).
     """
-    dataset = make_dataset(image_size, dataset_size, opts.seed)
+    dataset = make_dataset(image_size, dataset_size, opts.seed, progress=opts.progress and rank_and_world()[0] == 0)
     runs = {}
     for stage in STAGES:
         stage_opts = dataclasses.replace(

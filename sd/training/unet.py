@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..clip import CLIP
 from ..config import UNetConfig
@@ -34,11 +35,14 @@ ENCODE_BATCH = 256
 
 
 @torch.no_grad()
-def encode_dataset(encoder: VAE_Encoder, dataset: ShapesDataset) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_dataset(encoder: VAE_Encoder, dataset: ShapesDataset,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and log-variance of every image, each (N, 4, h, w), unscaled."""
     device = device_of(encoder)
     means, logvars = [], []
-    for i in range(0, len(dataset), ENCODE_BATCH):
+    starts = range(0, len(dataset), ENCODE_BATCH)
+    for i in tqdm(starts, disable=not progress, desc=f"unet: encoding {len(dataset):,} images with the VAE",
+                  unit="batch"):
         mean, logvar = encoder.posterior(dataset.pixels(slice(i, i + ENCODE_BATCH)).to(device))
         means.append(mean.float().cpu())
         logvars.append(logvar.float().cpu())
@@ -73,7 +77,7 @@ def train_unet(dataset: ShapesDataset, unet_config: UNetConfig, encoder: VAE_Enc
                                       out_channels=encoder.config.latent_channels)
     for m in (encoder, decoder, clip):
         m.eval().requires_grad_(False)
-    means, logvars = encode_dataset(encoder, dataset)
+    means, logvars = encode_dataset(encoder, dataset, progress=opts.progress and rank == 0)
     stds = torch.exp(0.5 * logvars)
     captions = sorted(set(dataset.captions))
     lookup = {c: i for i, c in enumerate(captions)}

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import VAEConfig
 from ..decoder import VAE_Decoder
@@ -25,6 +26,7 @@ from .stage_checkpoint import read_stage
 KL_WEIGHT = 1e-6            # SD's autoencoder config (first_stage_config: kl_weight 1e-6)
 EDGE_WEIGHT = 4.0           # extra weight on pixels where the image changes (the shape's outline)
 SCALE_SAMPLES = 2048        # images used to measure the latent standard deviation
+PSNR_BATCH = 128            # images per batch of the PSNR measurement (a progress step every few seconds on a CPU)
 
 
 class VAE(nn.Module):
@@ -63,11 +65,13 @@ def psnr(reconstruction: torch.Tensor, image: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def vae_psnr(encoder: VAE_Encoder, decoder: VAE_Decoder, images: torch.Tensor, batch: int = 256) -> float:
+def vae_psnr(encoder: VAE_Encoder, decoder: VAE_Decoder, images: torch.Tensor, batch: int = PSNR_BATCH,
+             progress: bool = False) -> float:
     """Reconstruction PSNR (dB) of images (N, 3, H, W) in [-1, 1] through the posterior mean."""
     device = next(decoder.parameters()).device
-    recon = torch.cat([decoder(encoder(images[i:i + batch].to(device))).float().cpu()
-                       for i in range(0, len(images), batch)])
+    starts = range(0, len(images), batch)
+    bar = tqdm(starts, disable=not progress, desc=f"VAE reconstruction PSNR on {len(images):,} images", unit="batch")
+    recon = torch.cat([decoder(encoder(images[i:i + batch].to(device))).float().cpu() for i in bar])
     return psnr(recon, images)
 
 
@@ -94,15 +98,18 @@ def train_vae(dataset: ShapesDataset, config: VAEConfig, opts: TrainOptions) -> 
 
     held = dataset.pixels(slice(0, SCALE_SAMPLES))
 
+    measured = {}
+
     def finish(model) -> dict:
         set_scale(model, latent_scale(model.encoder, held))
-        return {"scaling_factor": model.encoder.config.scaling_factor,
-                "psnr": vae_psnr(model.encoder, model.decoder, held)}
+        measured["scaling_factor"] = model.encoder.config.scaling_factor
+        show = opts.progress and rank_and_world()[0] == 0
+        measured["psnr"] = vae_psnr(model.encoder, model.decoder, held, progress=show)
+        return measured
 
     meta = {"vae": dataclasses.asdict(vae.encoder.config), "image_size": dataset.image_size}
     run = train_loop("vae", vae, step_loss, opts, meta, finish=finish)
-    run["psnr"] = vae_psnr(vae.encoder, vae.decoder, held)
-    run["scaling_factor"] = vae.encoder.config.scaling_factor
+    run.update(measured)          # measured once, after the last step (finish)
     return run
 
 
