@@ -40,7 +40,8 @@ def test_img2img_writes_a_png(checkpoint, tmp_path, capsys):
     assert main(["img2img", str(src), "a cat", "--checkpoint", str(checkpoint), "--strength", "0.6",
                  "--steps", "4", "--seed", "1", "--out", str(out)]) == 0
     assert Image.open(out).size == (64, 128)
-    assert f"saved {out}" in capsys.readouterr().out
+    # SDEdit runs the last int(steps * strength) of the steps (diffusers' img2img: int(4 * 0.6) = 2); say those
+    assert f"saved {out} (64x128, 2 of 4 ddim steps (strength 0.6)" in capsys.readouterr().out
 
 
 def test_same_seed_gives_the_same_file(checkpoint, tmp_path):
@@ -86,6 +87,23 @@ def test_help_explains_each_option(capsys):
     text = capsys.readouterr().out
     for option in ("--checkpoint", "--steps", "--sampler", "--cfg", "--seed", "--size", "--out", "--negative"):
         assert option in text
+
+
+def test_generate_help_gives_each_models_size_rule_and_the_small_models_output_size(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    small = sd.load_checkpoint(device="cpu")                 # the default model: its own sizes, read off it
+    assert f"{small.size_multiple} for the small default model" in text and "64 for SD v1.5" in text
+    assert f"draws {small.native_size}x{small.native_size} images" in text
+    assert f"{small.native_size} for the small model" in text
+
+
+def test_generate_reports_the_steps_it_ran(checkpoint, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    assert main(["generate", "a cat", "--checkpoint", str(checkpoint), "--steps", "3", "--size", "64",
+                 "--seed", "0", "--out", str(out)]) == 0
+    assert f"saved {out} (64x64, 3 ddim steps, cfg 7.5," in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args", [["train", "vae", "--minutes", "0.01"], ["evaluate"]])
