@@ -110,4 +110,5 @@ def image_path(text: str) -> Path:
 
 
 def add_device_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, mps (default: cuda if available, else mps on Apple Silicon, else cpu)")

@@ -30,8 +30,8 @@ def _common_options(p: argparse.ArgumentParser) -> None:
                         "(default image.png)")
     add_device_option(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="number format of the text encoder and UNet (default: float16 on a T4, bfloat16 on newer "
-                        "GPUs, float32 on a CPU); the VAE always decodes in float32")
+                   help="number format of the text encoder and UNet (default: float16 on a T4 and on Apple "
+                        "Silicon, bfloat16 on newer GPUs, float32 on a CPU); the VAE always decodes in float32")
 
 
 def add_parser(sub) -> None:
