@@ -202,3 +202,67 @@ def test_colour_loss_checks_its_colour(pipe, rgb, error, words):
 def test_inversion_shows_a_progress_bar(pipe, picture, capsys):
     pipe.invert(picture, num_inference_steps=2, progress=True)
     assert "DDIM inversion" in capsys.readouterr().err
+
+
+# --- the README's refused-input table says what the code says ---------------------------------------------------
+def readme_messages() -> dict[str, str]:
+    """The README's refused-input table: input column -> the message column, without the backticks."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = text.split("### Refused input", 1)[1].split("\n\n")[2]
+    rows = [line.strip("|").split(" | ") for line in table.splitlines()[2:]]
+    return {cells[0].strip(): cells[1].strip().strip("`") for cells in rows if len(cells) == 2}
+
+
+def readme_cases(pipe, picture, tmp_path, monkeypatch):
+    """Each adapter and editing row's input, as a call."""
+    from safetensors.torch import save_file
+    from sd.course.models import load_course_model
+    half = right_half(2.0)
+    stem = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    up = torch.zeros(96, 2)
+    up[0, 0] = math.nan
+    save_file({f"{stem}.lora_down.weight": torch.zeros(2, 64), f"{stem}.lora_up.weight": up,
+               f"{stem}.alpha": torch.tensor(2.0)}, str(tmp_path / "style.safetensors"))
+    vectors = torch.zeros(1, 64)
+    vectors[0, 0] = math.nan
+    save_file({"<my-shape>": vectors}, str(tmp_path / "learned_embeds.safetensors"))
+    save_file({"<my-shape>": torch.zeros(1, 64)}, str(tmp_path / "good_embeds.safetensors"))
+    differing = np.zeros((SIZE, SIZE, 3), np.float32)
+    differing[..., 0] = 1
+
+    def missing_checkpoint():
+        monkeypatch.setenv("SD_CHECKPOINT", "/no/such.safetensors")
+        load_course_model("cpu")
+
+    return {
+        "`mask_image` (H, W, 3) floats in [−1, 1]": lambda: pipe.inpaint("x", picture, np.full((SIZE, SIZE, 3), -1.0)),
+        "`mask_image` floats 0 and 2": lambda: pipe.inpaint("x", picture, half),
+        "`mask_image` (H, W, 3) with unequal channels": lambda: pipe.inpaint("x", picture, differing),
+        "`mask_image` a torch tensor": lambda: pipe.inpaint("x", picture, torch.ones(SIZE, SIZE)),
+        "`inpaint(seed=-1)` (as `generate`)": lambda: pipe.inpaint("x", picture, half / 2, seed=-1),
+        "`inpaint(strength=0)`": lambda: pipe.inpaint("x", picture, half / 2, strength=0),
+        "`inpaint(keep_original_pixels=\"no\")`": lambda: pipe.inpaint("x", picture, half / 2,
+                                                                       keep_original_pixels="no"),
+        "`invert(num_inference_steps=0)` (as every sampling API)": lambda: pipe.invert(picture, num_inference_steps=0),
+        "`invert(prompt=[\"a\", \"b\"])`": lambda: pipe.invert(picture, prompt=["a", "b"]),
+        "`interpolate(..., num_frames=1)`": lambda: interpolate(pipe, "a", "b", 1),
+        "`generate_with_loss(..., loss_scale=nan)`": lambda: generate_with_loss(pipe, "a", lambda x: x.sum(), math.nan),
+        "a LoRA file with NaN (any layout)": lambda: pipe.load_lora_weights(tmp_path / "style.safetensors"),
+        "a textual-inversion embedding with NaN": lambda: pipe.load_textual_inversion(
+            tmp_path / "learned_embeds.safetensors"),
+        "`load_textual_inversion(path, token=\"Red\")`": lambda: pipe.load_textual_inversion(
+            tmp_path / "good_embeds.safetensors", token="Red"),
+        "`$SD_CHECKPOINT` set to a missing path": missing_checkpoint,
+    }
+
+
+def test_the_readme_table_gives_each_adapter_and_editing_message_as_the_code_says_it(pipe, picture, tmp_path,
+                                                                                      monkeypatch):
+    table = readme_messages()
+    cases = readme_cases(pipe, picture, tmp_path, monkeypatch)
+    assert set(cases) <= set(table), set(cases) - set(table)
+    for row, call in cases.items():
+        with pytest.raises((ValueError, TypeError)) as e:
+            call()
+        assert one_line(e.value) == table[row], row
