@@ -313,7 +313,7 @@ def check_sigmoid_fit_error(fn) -> bool:
                                 - normal_cdf(c.inputs["x"])[None, :]).abs().amax(dim=1)),
     ]
     return check_function("check_sigmoid_fit_error", fn, sigmoid_fit_error, cases, mistakes, exercise="3.4",
-                          reference_name="the largest gap between sigmoid(c x) and Phi(x), per scale c",
+                          reference_name="the reference measurement (the largest gap between sigmoid(c x) and Phi(x), per scale)",
                           hint="for every scale c and every point x, the absolute difference between sigmoid(c x) "
                                "and Phi(x) = (1 + erf(x / sqrt 2)) / 2; then the largest over the points, one "
                                "number per scale")

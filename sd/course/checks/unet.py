@@ -74,7 +74,6 @@ def check_timestep_embedding(fn) -> bool:
     ]
     return check_function("check_timestep_embedding", fn, timestep_embedding, cases, mistakes,
                           atol=EMBEDDING_ATOL, exercise="5.1",
-                          reference_name="the SD v1 timestep embedding, [cos(t f_i), sin(t f_i)]",
                           hint="h = dim/2 frequencies f_i = 10000^(-i/h) for i = 0 .. h-1; every timestep times "
                                "every frequency gives a (B, h) table of angles; the output is their h cosines, "
                                "then their h sines")
