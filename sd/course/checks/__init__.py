@@ -12,8 +12,9 @@ from .editing import check_inpainting_loop, check_inversion_loop, check_slerp
 from .fine_tuning import check_lora_layer, check_textual_inversion_step, check_wrap_with_lora
 from .pipeline import check_cross_attention_maps, check_text_to_image
 from .pixel import check_ddpm_sampling, check_pixel_loss
-from .sampling import check_classifier_free_guidance, check_ddim_step, check_ddpm_step, check_previous_alpha_bars
-from .sigma import check_euler_step, check_karras_sigmas
+from .sampling import check_classifier_free_guidance, check_ddim_step, check_ddpm_step, check_sampling_loop
+from .sigma import (check_dpmpp_2m_sampler, check_error_curve, check_euler_sampler, check_heun_sampler,
+                    check_karras_sigmas)
 from .training import check_training_step, check_unet_training_loss
 from .unet import (check_geglu, check_res_block, check_spatial_transformer, check_timestep_embedding,
                    check_transformer_block, check_unet_forward)
@@ -40,9 +41,9 @@ __all__ = [
     # 06 forward diffusion
     "check_predictions", "check_identify", "check_shift_schedule",
     # 07 sampling
-    "check_ddpm_step", "check_ddim_step", "check_previous_alpha_bars", "check_classifier_free_guidance",
+    "check_ddpm_step", "check_ddim_step", "check_classifier_free_guidance", "check_sampling_loop",
     # 08 the sigma view
-    "check_euler_step", "check_karras_sigmas",
+    "check_euler_sampler", "check_karras_sigmas", "check_heun_sampler", "check_dpmpp_2m_sampler", "check_error_curve",
     # 09 text to image
     "check_text_to_image", "check_cross_attention_maps",
     # 10 training
