@@ -188,8 +188,8 @@ def copy_weights(learner: nn.Module, reference: nn.Module, name: str = "your mod
             lines.append("  unexpected in yours: " + _listing([f"{k} {_shape(got[k])}" for k in unexpected]))
         for k in wrong_shape[:MAX_LISTED]:
             lines.append(f"  wrong shape: {k} is {_shape(got[k])}, expected {_shape(expected[k])}")
-        lines.append("  Hint: name the layers as in the exercise cell (the names match SD's checkpoint), "
-                     "with the shapes listed above.")
+        lines.append("  Hint: name the layers as in the exercise cell (the reference's names, which the package's "
+                     "loader maps to SD's checkpoint keys), with the shapes listed above.")
         raise AssertionError("\n".join(lines))
     with torch.no_grad():
         learner.load_state_dict(expected)
@@ -373,7 +373,8 @@ def _brief(value: Any) -> str:
         return _shape(value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return repr(value)
-    if isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float)) for v in value):
+    if isinstance(value, (tuple, list)) and len(value) <= MAX_LISTED and all(
+            isinstance(v, (bool, int, float, str)) for v in value):
         return repr(value)
     return f"<{type(value).__name__}>"
 
