@@ -17,6 +17,8 @@ from .evaluation import AttributeClassifier, with_coordinates
 
 # The judge reads 32 x 32 pictures; smaller ones are upsampled (nearest), real and drawn alike.
 JUDGE_SIZE = 32
+# A picture counts as read with confidence when the judge gives every attribute's top value at least this probability.
+CONFIDENT = 0.9
 # Fewer pictures than this give a covariance too rank-deficient to mean much.
 MIN_PICTURES = 2
 
@@ -30,6 +32,17 @@ def judge_features(judge: AttributeClassifier, pictures: torch.Tensor) -> torch.
     pictures = F.interpolate(pictures.float(), size=JUDGE_SIZE, mode="nearest")
     h = judge.features(with_coordinates(pictures))
     return torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], dim=1).double()
+
+
+@torch.no_grad()
+def confident_share(judge: AttributeClassifier, pictures: torch.Tensor, confident: float = CONFIDENT) -> float:
+    """The share of (N, 3, h, w) pictures in [-1, 1] that the judge reads with probability >= `confident` on every
+    attribute (shape, colour, background, size, position): a picture it can read at all, not one that is right."""
+    pictures = F.interpolate(pictures.float(), size=JUDGE_SIZE, mode="nearest")
+    sure = torch.ones(len(pictures), dtype=torch.bool, device=pictures.device)
+    for logits in judge(pictures):
+        sure &= logits.softmax(dim=1).amax(dim=1) >= confident
+    return sure.float().mean().item()
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
