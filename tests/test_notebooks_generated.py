@@ -206,7 +206,7 @@ def solution_blocks() -> dict[str, list[str]]:
                     blocks.setdefault(number, [])
                 elif re.match(r"\s*# END SOLUTION", line):
                     number = None
-                elif number and not re.match(r"\s*# HINT ", line):
+                elif number and not re.match(r"\s*# (HINT |\|)", line):
                     blocks[number].append(line)
     return blocks
 
