@@ -115,14 +115,18 @@ def require_seed(value, name: str = "seed") -> int | None:
 
 def require_steps(value, maximum: int, name: str = "num_inference_steps") -> int:
     """A number of sampling steps: an integer from 1 to `maximum`, the schedule's training steps (1000 for SD)."""
-    return require_int(value, name, 1, maximum)
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if not 1 <= value <= maximum:
+        raise ValueError(f"{name} must be an integer from 1 to {maximum} (the training steps), got {value}")
+    return int(value)
 
 
 def require_strength(value, name: str = "strength") -> float:
     """How much of a picture is redrawn: a number in (0, 1] (1: from pure noise; 0 would run no step)."""
     value = require_number(value, name)
     if not 0 < value <= 1:
-        raise ValueError(f"{name} must lie in (0, 1] (1: start from pure noise), got {value}")
+        raise ValueError(f"{name} must be in (0, 1] (1: start from pure noise), got {value}")
     return value
 
 

@@ -208,7 +208,7 @@ def test_inpaint_command_says_which_file_it_cannot_read(picture, tmp_path, capsy
 
 
 @pytest.mark.parametrize("option, words", [
-    (["--strength", "0"], "strength must lie in (0, 1] (1: start from pure noise), got 0.0"),
+    (["--strength", "0"], "strength must be in (0, 1] (1: start from pure noise), got 0.0"),
     (["--strength", "nan"], "strength must be a finite number, got nan"),
 ])
 def test_inpaint_command_refuses_a_bad_strength_in_one_line_and_writes_nothing(picture, tmp_path, capsys, option,

@@ -110,10 +110,10 @@ def test_a_grey_init_image_is_its_three_equal_channels(pipe):
     (dict(seed=2 ** 64), ValueError, f"seed must be an integer in [0, {MAX_SEED}], got {2 ** 64}"),
     (dict(seed="3"), TypeError, "seed must be an integer, got str '3'"),
     (dict(seed=1.5), TypeError, "seed must be an integer, got float 1.5"),
-    (dict(num_inference_steps=0), ValueError, "num_inference_steps must be an integer in [1, 1000], got 0"),
+    (dict(num_inference_steps=0), ValueError, "num_inference_steps must be an integer from 1 to 1000 (the training steps), got 0"),
     (dict(num_inference_steps=2.5), TypeError, "num_inference_steps must be an integer, got float 2.5"),
-    (dict(strength=0.0), ValueError, "strength must lie in (0, 1] (1: start from pure noise), got 0.0"),
-    (dict(strength=1.5), ValueError, "strength must lie in (0, 1]"),
+    (dict(strength=0.0), ValueError, "strength must be in (0, 1] (1: start from pure noise), got 0.0"),
+    (dict(strength=1.5), ValueError, "strength must be in (0, 1]"),
     (dict(strength=math.nan), ValueError, "strength must be a finite number, got nan"),
     (dict(strength="1"), TypeError, "strength must be a number, got str '1'"),
     (dict(guidance_scale=math.inf), ValueError, "guidance_scale must be a finite number, got inf"),
@@ -132,7 +132,7 @@ def test_inpaint_checks_its_arguments_as_generate_does(pipe, picture, kwargs, er
 @pytest.mark.parametrize("kwargs, words", [
     (dict(seed=-1), "seed must be an integer in [0,"),
     (dict(guidance_scale="7"), "guidance_scale must be a number"),
-    (dict(num_inference_steps=0), "num_inference_steps must be an integer in [1, 1000]"),
+    (dict(num_inference_steps=0), "num_inference_steps must be an integer from 1 to 1000"),
 ])
 def test_generate_and_inpaint_refuse_the_same_argument_with_the_same_words(pipe, picture, kwargs, words):
     messages = []
@@ -151,7 +151,7 @@ def test_generate_and_inpaint_refuse_the_same_argument_with_the_same_words(pipe,
      "image float array must lie in [0, 1], got values in [-0.5, -0.5] (in SD's [-1, 1]?"),
     (dict(image=torch.zeros(SIZE, SIZE, 3)), TypeError, "image must be a PIL image or a numpy array"),
     (dict(prompt=None), TypeError, "prompt must be a string, got NoneType None"),
-    (dict(num_inference_steps=0), ValueError, "num_inference_steps must be an integer in [1, 1000], got 0"),
+    (dict(num_inference_steps=0), ValueError, "num_inference_steps must be an integer from 1 to 1000 (the training steps), got 0"),
     (dict(num_inference_steps="10"), TypeError, "num_inference_steps must be an integer, got str '10'"),
     (dict(guidance_scale=math.nan), ValueError, "guidance_scale must be a finite number, got nan"),
 ])
@@ -164,7 +164,7 @@ def test_invert_checks_its_arguments(pipe, picture, kwargs, error, words):
     (dict(seed_a=-1), ValueError, f"seed_a must be an integer in [0, {MAX_SEED}], got -1"),
     (dict(seed_b="2"), TypeError, "seed_b must be an integer, got str '2'"),
     (dict(num_frames=1), ValueError, "num_frames must be an integer in [2, inf], got 1"),
-    (dict(num_inference_steps=0), ValueError, "num_inference_steps must be an integer in [1, 1000], got 0"),
+    (dict(num_inference_steps=0), ValueError, "num_inference_steps must be an integer from 1 to 1000 (the training steps), got 0"),
     (dict(guidance_scale="7"), TypeError, "guidance_scale must be a number, got str '7'"),
     (dict(sampler="heun"), ValueError, "sampler must be one of 'ddpm', 'ddim', 'euler', 'euler_a', 'dpmpp2m'"),
     (dict(prompt_b=None), TypeError, "prompt_b must be a string, got NoneType None"),
