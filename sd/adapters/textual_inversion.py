@@ -72,7 +72,8 @@ def require_new_word(tokenizer, word: str, num_vectors: int = 1) -> list[str]:
     if not word.strip():
         raise ValueError(f"token must be a word such as '<my-shape>', got {word!r}")
     if any(c.isspace() for c in word):
-        raise ValueError(f"token must be one word without spaces (e.g. '<my-shape>'), got {word!r}")
+        raise ValueError(f"token must be one word without spaces (e.g. '<my-shape>'), got {word!r}; a file's own "
+                         f"name can be replaced with token=...")
     names = [word] + [f"{word}_{i}" for i in range(1, num_vectors)]
     added_ids = {i for ids in tokenizer.added_tokens.values() for i in ids}
     for name in names:
