@@ -173,6 +173,10 @@ class StableDiffusion:
         if mask_image is not None:
             if init_image is None:
                 raise ValueError("mask_image needs an init_image: the picture whose white-masked part is repainted")
+            unused = [name for name, value in (("latents", latents), ("callback", callback)) if value is not None]
+            if unused or eta != 0.0:
+                raise ValueError(f"inpainting (mask_image) does not take {', '.join(unused) or 'eta'}: "
+                                 f"it starts from the picture and runs its own loop (sd/editing/inpaint.py)")
             return self.inpaint(prompt, init_image, mask_image, negative_prompt, height=height, width=width,
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 sampler=sampler, strength=strength, seed=seed, num_images=num_images,

@@ -266,3 +266,13 @@ def test_the_readme_table_gives_each_adapter_and_editing_message_as_the_code_say
         with pytest.raises((ValueError, TypeError)) as e:
             call()
         assert one_line(e.value) == table[row], row
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(latents=torch.zeros(1, 4, 8, 8)), "inpainting (mask_image) does not take latents"),
+    (dict(callback=lambda *args: None), "inpainting (mask_image) does not take callback"),
+    (dict(eta=0.5), "inpainting (mask_image) does not take eta"),
+])
+def test_generate_with_a_mask_refuses_the_arguments_inpainting_would_ignore(pipe, picture, kwargs, words):
+    refused(pipe, lambda: pipe.generate(PROMPT, init_image=picture, mask_image=right_half(), **FAST, **kwargs),
+            ValueError, words)
