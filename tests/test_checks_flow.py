@@ -12,7 +12,7 @@ from check_helpers import rejects, rejects_unrecognised
 def right_loss(model, x0, generator):
     t = torch.rand(x0.shape[0], generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
-    tt = t.view(-1, 1)
+    tt = t.reshape(-1, *([1] * (x0.dim() - 1)))
     return ((model((1 - tt) * x0 + tt * noise, t) - (noise - x0)) ** 2).mean()
 
 
@@ -26,19 +26,19 @@ def test_the_loss_check_names_the_wrong_target_and_the_backward_path():
     def sign(model, x0, generator):
         t = torch.rand(x0.shape[0], generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
-        tt = t.view(-1, 1)
+        tt = t.reshape(-1, *([1] * (x0.dim() - 1)))
         return ((model((1 - tt) * x0 + tt * noise, t) - (x0 - noise)) ** 2).mean()
 
     def eps_target(model, x0, generator):
         t = torch.rand(x0.shape[0], generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
-        tt = t.view(-1, 1)
+        tt = t.reshape(-1, *([1] * (x0.dim() - 1)))
         return ((model((1 - tt) * x0 + tt * noise, t) - noise) ** 2).mean()
 
     def backwards(model, x0, generator):
         t = torch.rand(x0.shape[0], generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
-        tt = t.view(-1, 1)
+        tt = t.reshape(-1, *([1] * (x0.dim() - 1)))
         return ((model(tt * x0 + (1 - tt) * noise, t) - (noise - x0)) ** 2).mean()
 
     rejects(check_flow_matching_loss, sign, "the target points the wrong way")

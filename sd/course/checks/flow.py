@@ -28,6 +28,18 @@ class _TinyVelocity(nn.Module):
         return self.linear(torch.cat([x, t.view(-1, 1)], dim=1))
 
 
+class _TinyPixelVelocity(nn.Module):
+    """v(x, t) for pictures (B, C, H, W): a 1 x 1 convolution of x plus a per-channel multiple of t."""
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        self.mix = nn.Conv2d(channels, channels, 1)
+        self.time = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.mix(x) + t.view(-1, 1, 1, 1) * self.time.view(1, -1, 1, 1)
+
+
 def _reference_loss(model, x0, seed):
     return flow_matching_loss(model, x0, torch.Generator().manual_seed(int(seed)), density="uniform")
 
@@ -45,12 +57,12 @@ def _loss_mistake(kind: str):
     def compute(ref, case):
         model = case.inputs["model"]
         x0, t, noise = _draws(case)
-        tt = t.view(-1, 1)
+        tt = t.reshape(-1, *([1] * (x0.dim() - 1)))
         if kind == "noise_first":
             generator = torch.Generator().manual_seed(int(case.inputs["seed"]))
             noise = torch.randn(x0.shape, generator=generator)
             t = torch.rand(x0.shape[0], generator=generator)
-            tt = t.view(-1, 1)
+            tt = t.reshape(-1, *([1] * (x0.dim() - 1)))
         x_t = (1 - tt) * x0 + tt * noise
         target = noise - x0
         if kind == "sign":
@@ -76,6 +88,8 @@ def _loss_cases() -> list[Case]:
             model = _TinyVelocity()
             x0 = randn(batch, POINT_DIM) * 2
         cases.append(Case({"model": model, "x0": x0, "seed": 1300 + i}))
+    with seeded(132):      # pictures: the same loss for data of any shape after the batch
+        cases.append(Case({"model": _TinyPixelVelocity(), "x0": randn(4, 3, 5, 6), "seed": 1302}))
     return cases
 
 
@@ -111,7 +125,8 @@ def _require_loss_behaviour(fn, exercise: str) -> None:
 
 
 def check_flow_matching_loss(fn) -> bool:
-    """Exercise 13.1: fn(model, x0, generator) -> the mean squared velocity error at random points of the path."""
+    """Exercise 13.1: fn(model, x0, generator) -> the mean squared velocity error at random points of the path;
+    x0 is (B, ...) of any shape after the batch (2D points, pictures)."""
     exercise = "13.1"
     _require_loss_behaviour(fn, exercise)
     mistakes = [
