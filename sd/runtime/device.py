@@ -21,9 +21,10 @@ BF16_MIN_CAPABILITY = 8
 # peaks near 3.5 GB for one 512 x 512 image with fused attention; CPU offload keeps only one model on the GPU.
 SLICING_BELOW_GIB = 8.0        # attention slicing and VAE tiling: smaller attention and decoder activations
 OFFLOAD_BELOW_GIB = 6.0        # model CPU offload: the text encoder, UNet and VAE visit the GPU in turn
-# Apple Silicon (MPS) shares the machine's memory with the GPU. diffusers' MPS guide recommends attention slicing
-# "if your computer has < 64 GB of RAM" (https://huggingface.co/docs/diffusers/optimization/mps), and runs SD in
-# float16 there: MPS has fast float16 on every Apple GPU; bfloat16 needs macOS 14 and is not faster.
+# Apple Silicon (MPS): the CPU and the GPU share the machine's memory. diffusers' MPS guide recommends attention
+# slicing "if your computer has < 64 GB of RAM" (https://huggingface.co/docs/diffusers/optimization/mps).
+# The number format is float16, as on a T4: it about halves SD v1.5's weights in memory the CPU needs too, and the
+# VAE still decodes in float32 (sd/pipeline.py). The guide's own example keeps float32: SD_DTYPE=float32 gives that.
 MPS_SLICING_BELOW_GIB = 64.0
 MPS_DTYPE = torch.float16
 
