@@ -109,7 +109,11 @@ class DiffusionUNET(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=RESBLOCK_NORM_EPS)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, latent: torch.Tensor, context: torch.Tensor, timestep) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, context: torch.Tensor, timestep,
+                down_residuals: list[torch.Tensor] | None = None,
+                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """down_residuals (one per skip, 12 in SD) and mid_residual: a ControlNet's outputs, added to the skips and
+        to the middle block's output (sd/controlnet.py)."""
         cfg = self.config
         require_image_like(latent, "latent", cfg.in_channels, cfg.downsample_factor,
                            "the UNet halves the latent 3 times, i.e. images in multiples of 64 pixels")
@@ -124,7 +128,11 @@ class DiffusionUNET(nn.Module):
         skips = [x]
         for level in self.down:
             x = level(x, emb, context, skips)        # pushes its skips
+        if down_residuals is not None:               # ControlNet: each skip gets its residual, same shape
+            skips = [s + r for s, r in zip(skips, self._check_residuals(down_residuals, skips))]
         x = self.mid(x, emb, context)
+        if mid_residual is not None:
+            x = x + self._check_residuals([mid_residual], [x])[0]
         for level in self.up:
             x = level(x, emb, context, skips)        # pops one skip per residual block
 
@@ -138,6 +146,17 @@ class DiffusionUNET(nn.Module):
         if context.shape[0] not in (1, b):
             raise ValueError(f"context batch {context.shape[0]} does not match the latent batch {b} (or 1)")
         return context.expand(b, -1, -1) if context.shape[0] != b else context
+
+    @staticmethod
+    def _check_residuals(residuals: list[torch.Tensor], maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A ControlNet's residuals must match the feature maps they are added to, one for one."""
+        if len(residuals) != len(maps):
+            raise ValueError(f"down_residuals must hold one tensor per skip ({len(maps)}), got {len(residuals)}")
+        for i, (r, m) in enumerate(zip(residuals, maps)):
+            if not isinstance(r, torch.Tensor) or r.shape != m.shape:
+                got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+                raise ValueError(f"ControlNet residual {i} must have shape {tuple(m.shape)}, got {got}")
+        return residuals
 
     @staticmethod
     def _timesteps(timestep, b: int, device) -> torch.Tensor:
