@@ -60,7 +60,7 @@ def test_same_seed_gives_the_same_file(checkpoint, tmp_path):
     (["generate", "x", "--size", "100", "--steps", "1"], "height must be a positive multiple of 64"),
     (["generate", "x", "--steps", "1001"], "num_inference_steps must be an integer"),
     (["img2img", "missing.png", "x", "--steps", "1"], "cannot read the input image missing.png"),
-    (["img2img", "IN", "x", "--strength", "1.5"], "strength must lie in (0, 1]"),
+    (["img2img", "IN", "x", "--strength", "1.5"], "strength must be in (0, 1]"),
     (["generate", "x", "--checkpoint", "nowhere.safetensors"], "no checkpoint at nowhere.safetensors"),
     (["generate", "x", "--device", "gpu"], "device must be cpu, cuda, cuda:N or mps, got 'gpu'"),
     (["generate", "x", "--device", "cuda:99"], "device 'cuda:99': "),
