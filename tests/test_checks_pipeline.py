@@ -15,7 +15,8 @@ from sd.course.checks import check_cross_attention_maps, check_text_to_image, pi
 from sd.course.checks.pipeline import reference_cross_attention_maps, reference_text_to_image, tiny_pipeline
 from sd.pipeline import StableDiffusion
 from sd.samplers import SAMPLING_LOOPS
-from tests.check_helpers import rejects, rejects_unrecognised
+from sd.cross_attention import CrossAttention
+from tests.check_helpers import program_text, rejects, rejects_unrecognised
 
 
 @torch.no_grad()
@@ -159,7 +160,6 @@ def test_check_cross_attention_maps_passes_the_reference_and_a_right_variant(cap
 def test_reference_maps_are_each_pixels_weights_over_the_tokens():
     """Every pixel's weights over the tokens sum to 1; the maps average the heads: a pixel that matches token 0 in
     head 0 only (weight ~1 there) and nothing in head 1 (1/3 for each of the 3 tokens) gives token 0 (1 + 1/3) / 2."""
-    from sd.cross_attention import CrossAttention
     torch.manual_seed(0)
     attn = CrossAttention(8, 8, 2)
     with torch.no_grad():
@@ -192,7 +192,6 @@ def test_check_cross_attention_maps_names_the_mistake(mistake, fragment):
 
 
 def program_text_free(message: str) -> bool:
-    from tests.check_helpers import program_text
     found = program_text(message)
     assert found is None, f"the message shows program text ({found}):\n{message}"
     return True
