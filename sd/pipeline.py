@@ -6,7 +6,7 @@ Image to image (SDEdit): the VAE encodes the picture, noise takes it part of the
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable
 
 import torch
@@ -16,14 +16,16 @@ from torch import nn
 from .attention import SelfAttention
 from .cross_attention import CrossAttention
 from .adapters import lora, lora_files, textual_inversion
+from .controlnet import ControlledUNet, ControlNet, control_tensor, controlnet_fits, require_control
 from .diffusion import DiffusionScheduler
 from .editing import inpaint as inpainting
 from .editing import inversion
+from .io import controlnet as controlnet_io
 from .images import as_rgb_image, pil_to_tensor, signed_to_unit, to_pil
 from .runtime.compile import compile_or_eager, default_compile_kwargs
 from .runtime.memory import require_memory_for
 from .runtime.vae_tiling import decode_tiled
-from .samplers import randn
+from .samplers import randn, require_sampler
 from .validation import (MAX_SEED, nearest_multiples, require_finite_tensor, require_int, require_number,
                          require_prompts, require_scale, require_seed, require_steps, require_strength)
 
@@ -45,6 +47,7 @@ class StableDiffusion:
         self.vae_slicing = False
         self.vae_tiling = False
         self.cpu_offload = False
+        self.controlnets: list[ControlNet] = []      # pipe.load_controlnet(path); generate(control_image=...)
 
     # --- memory and speed options --------------------------------------------------------------------------------
     def enable_attention_slicing(self, slice_size: int | None = 1) -> "StableDiffusion":
@@ -68,7 +71,7 @@ class StableDiffusion:
     def enable_model_cpu_offload(self, on: bool = True) -> "StableDiffusion":
         """Keep the models in CPU memory and move each to the GPU only while it runs."""
         self.cpu_offload = on
-        for model in self.models().values():
+        for model in [*self.models().values(), *self.controlnets]:
             model.to("cpu" if on else self.device)
         return self
 
@@ -161,7 +164,9 @@ class StableDiffusion:
                  guidance_scale: float = 7.5, sampler: str = "ddim", seed: int | list[int] | None = None,
                  latents: torch.Tensor | None = None, init_image=None, strength: float = 0.8,
                  num_images: int = 1, eta: float = 0.0, callback: Callable | None = None,
-                 progress: bool = True, output_type: str = "pil", mask_image=None):
+                 progress: bool = True, output_type: str = "pil", mask_image=None, control_image=None,
+                 controlnet_conditioning_scale: float | list[float] = 1.0,
+                 control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0):
         """Text (and optionally an init image) -> a list of PIL images (output_type="pt": a (B, 3, H, W) tensor in [0, 1]).
 
         seed: None (random), one int, or a list of ints, one per image (len(prompts) * num_images of them). With one
@@ -169,7 +174,13 @@ class StableDiffusion:
         with a list, image i equals the single run with seed[i] (as diffusers does with a list of generators).
         init_image: see sd/images.py for the conventions (PIL; (H, W, 3) uint8 in 0..255; float in [0, 1]).
         mask_image (with init_image): inpainting, white = repaint, black = keep (sd/editing/inpaint.py).
+        control_image: with ControlNets loaded (load_controlnet), one picture each, e.g. edges in white on black
+        (sd.controlnet.canny_control_image); it sets the size unless height/width are given. Each ControlNet's
+        residuals are scaled by controlnet_conditioning_scale and act from control_guidance_start to
+        control_guidance_end, fractions of the steps (one value, or a list of one per ControlNet).
         """
+        if control_image is not None and (init_image is not None or mask_image is not None):
+            raise ValueError("control_image works with text to image only, not with init_image or mask_image")
         if mask_image is not None:
             if init_image is None:
                 raise ValueError("mask_image needs an init_image: the picture whose white-masked part is repainted")
@@ -185,6 +196,7 @@ class StableDiffusion:
         prompts, negatives = require_prompts(prompt, negative_prompt)
         num_images = require_int(num_images, "num_images", 1)
         num_inference_steps = require_steps(num_inference_steps, self.scheduler.num_train_timesteps)
+        sampler = require_sampler(sampler, num_inference_steps)          # and its own limit (LCM: 50 steps)
         guidance_scale = require_scale(guidance_scale, "guidance_scale", low=0.0)
         eta = require_number(eta, "eta", low=0.0, high=1.0)
         strength = require_strength(strength)
@@ -192,14 +204,22 @@ class StableDiffusion:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable (step, timestep, latents), got {type(callback).__name__}")
+        control = None if control_image is None else require_control(
+            control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+            len(self.controlnets))
         batch = len(prompts) * num_images
         generators = self._generators(seed, batch)
 
-        # 2. sizes: the init image's, else the model's native size
+        # 2. sizes: the init image's or the first control image's, else the model's native size
         image = None
         if init_image is not None:
             image = self.image_to_tensor(init_image, height, width)          # (1, 3, H, W) in [-1, 1]
             height, width = image.shape[-2:]
+        if control is not None:
+            w, h = control.pictures[0].size
+            self._check_size("control_image width" if width is None else "width", width or w)
+            self._check_size("control_image height" if height is None else "height", height or h)
+            height, width = height or h, width or w
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
         self._check_size("height", height)
@@ -235,10 +255,18 @@ class StableDiffusion:
             latents = randn(shape, generators, torch.float32, "cpu")   # drawn in float32 on the CPU, then moved
         latents = latents.to(self.device, self.dtype)
 
-        # 6. denoise, then decode
-        with self._on_device(self.unet):
+        # 6. denoise (with the ControlNets' residuals, if any), then decode
+        unet = self.unet
+        with ExitStack() as on_device:
+            on_device.enter_context(self._on_device(self.unet))
+            if control is not None:
+                nets = [on_device.enter_context(self._on_device(net)) for net in self.controlnets]
+                hints = [control_tensor(p, height, width).to(self.device, self.dtype).expand(batch, -1, -1, -1)
+                         for p in control.pictures]                     # each (B, 3, H, W) in [0, 1]
+                unet = ControlledUNet(self.unet, nets, hints, control,
+                                      self.scheduler.timesteps(num_inference_steps, sampler))
             out = self.scheduler.sample(
-                self.unet, context, shape, num_inference_steps=num_inference_steps, sampler=sampler,
+                unet, context, shape, num_inference_steps=num_inference_steps, sampler=sampler,
                 uncond_context=uncond, guidance_scale=guidance_scale, eta=eta, generator=generators,
                 latents=latents, init_latents=init_latents, strength=strength, callback=callback, progress=progress)
         if not torch.isfinite(out).all():
@@ -281,6 +309,22 @@ class StableDiffusion:
         """Remove every (unfused) LoRA: the original layers come back."""
         lora.unload_lora(self.unet)
         lora.unload_lora(self.clip)
+
+    def load_controlnet(self, path) -> ControlNet:
+        """Add a ControlNet: a diffusers ControlNetModel folder or file, or an original ControlNet 1.0/1.1 .pth or
+        .safetensors file (sd/io/controlnet.py). Several may be loaded; generate then takes one control image each."""
+        net = controlnet_io.load_controlnet(path, device="cpu" if self.cpu_offload else self.device, dtype=self.dtype)
+        why = controlnet_fits(net, self.unet) or (
+            f"it takes control images {net.config.hint_factor}x the latent's side, the VAE's factor is "
+            f"{self.vae_factor}" if net.config.hint_factor != self.vae_factor else None)
+        if why is not None:
+            raise ValueError(f"{path}: this ControlNet does not fit the loaded model: {why}")
+        self.controlnets.append(net)
+        return net
+
+    def unload_controlnets(self) -> None:
+        """Remove every loaded ControlNet."""
+        self.controlnets.clear()
 
     def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
         """Teach the tokenizer and text encoder the word of a textual-inversion file; returns the tokens added."""

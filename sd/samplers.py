@@ -1,4 +1,4 @@
-"""The five samplers, each one function with one loop over the noise levels of its run (k-diffusion's layout).
+"""The six samplers, each one function with one loop over the noise levels of its run (k-diffusion's layout).
 
 A sampler walks from noise at the first noise level to a clean latent, asking `predict_noise(x_t, t)` for the
 UNet's (guided) noise prediction eps at every step. Two families share this file:
@@ -8,6 +8,9 @@ UNet's (guided) noise prediction eps at every step. Two families share this file
 - Euler-type samplers (Euler, Euler ancestral) work with Karras et al.'s noise level
   sigma = sqrt((1 - alpha_bar) / alpha_bar) and the unscaled latent x = x_0 + sigma eps = x_t * sqrt(1 + sigma^2);
   the UNet still wants x_t, so its input is divided back.
+
+A third kind, LCM (Luo et al. 2023), is for a UNet distilled into a consistency model (an LCM, or SD with an
+LCM-LoRA): at each timestep it jumps straight to a clean estimate, then noises that to the next timestep.
 
 Every sampler takes x_t at its first noise level and returns the latent at its last, so the caller starts and
 ends the same way for all five. `noise_levels` computes, once per run, what the loops read; with the same inputs
@@ -29,6 +32,15 @@ STEPS_OFFSET = 1
 KARRAS_RHO = 7.0
 # Floor on the DDPM posterior variance (diffusers clamps it so that its square root stays finite).
 MIN_DDPM_VARIANCE = 1e-20
+# LCM's schedule and boundary conditions, as diffusers' LCMScheduler sets them for SD v1.5 (its defaults, the
+# values of the LCM and LCM-LoRA distillation scripts): the student was distilled on 50 DDIM timesteps,
+# 999, 979, ..., 19 ("original_inference_steps"), and a run visits n of them.
+LCM_ORIGINAL_STEPS = 50
+# c_skip and c_out see the timestep times 10 ("timestep_scaling"): c_skip is then ~0 at every timestep but t = 0.
+LCM_TIMESTEP_SCALING = 10.0
+# The data's standard deviation the boundary conditions assume: Karras et al. 2022's sigma_data (Table 1), which
+# the consistency models of Song et al. 2023 and LCM reuse.
+SIGMA_DATA = 0.5
 
 # predict_noise(x_t, t) -> eps: the UNet's noise prediction at the latent x_t and timestep t (a 0-d tensor).
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -142,6 +154,19 @@ def ancestral_sigmas(sigma, sigma_next):
     return sigma_down, sigma_up
 
 
+def consistency_scalings(t):
+    """LCM's boundary conditions (c_skip, c_out) at timestep t, with s = 10 t and sigma_data = 0.5.
+
+    The consistency function is f(x_t, t) = c_skip x_t + c_out x0_hat (Luo et al. 2023, sec. 4.1, the
+    epsilon-prediction form): c_skip(0) = 1 and c_out(0) = 0, so f(x, 0) = x, the boundary condition of Song et
+    al. 2023; at SD's timesteps >= 19, c_skip < 1e-5 and c_out ~ 1, so f is almost the predicted x_0.
+    """
+    s = t * LCM_TIMESTEP_SCALING
+    c_skip = SIGMA_DATA ** 2 / (s ** 2 + SIGMA_DATA ** 2)
+    c_out = s / (s ** 2 + SIGMA_DATA ** 2) ** 0.5
+    return c_skip, c_out
+
+
 # ---------------------------------------------------------------------------------------------
 # The noise levels of one run, computed once
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +194,30 @@ def leading_timesteps(num_inference_steps: int, num_train_timesteps: int) -> tor
     return torch.arange(num_inference_steps - 1, -1, -1, dtype=torch.int64) * step_ratio + STEPS_OFFSET
 
 
+def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int) -> torch.Tensor:
+    """LCM's schedule: n of the 50 timesteps it was distilled on, at evenly spaced positions (4 -> 999, 759, 499, 259).
+
+    The 50 are every k-th training timestep ending at T - 1 (k = T // 50: 999, 979, ..., 19); step i takes the
+    one at position floor(i * 50 / n), computed in float64 as diffusers' LCMScheduler does (numpy's linspace).
+    """
+    k = num_train_timesteps // LCM_ORIGINAL_STEPS
+    origin = torch.arange(LCM_ORIGINAL_STEPS, 0, -1, dtype=torch.int64) * k - 1      # (50,) 999, 979, ..., 19
+    positions = (torch.arange(num_inference_steps, dtype=torch.float64)
+                 * (LCM_ORIGINAL_STEPS / num_inference_steps)).floor().long()     # (n,)
+    return origin[positions]                                                         # (n,)
+
+
+def require_sampler(sampler: str, num_inference_steps: int) -> str:
+    """A sampler's name (one of SAMPLERS) that can run num_inference_steps steps; else one line saying why not."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    if sampler == "lcm" and num_inference_steps > LCM_ORIGINAL_STEPS:
+        raise ValueError(f"num_inference_steps must be an integer from 1 to {LCM_ORIGINAL_STEPS} with sampler='lcm' "
+                         f"(LCM picks its steps from the {LCM_ORIGINAL_STEPS} timesteps it was distilled on), "
+                         f"got {num_inference_steps}")
+    return sampler
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int) -> torch.Tensor:
     """n noise levels from sigma_max down to sigma_min, Karras et al. 2022, eq. 5 (in float64)."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
@@ -188,8 +237,7 @@ def sigma_to_t(sigmas: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor
 def noise_levels(sampler: str, alphas_cumprod: torch.Tensor, num_inference_steps: int, *,
                  use_karras_sigmas: bool = False) -> NoiseLevels:
     """The noise levels `sampler` (one of SAMPLERS) visits in num_inference_steps steps, as diffusers sets them."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    require_sampler(sampler, num_inference_steps)
     if use_karras_sigmas and sampler != "euler":
         raise ValueError(f"use_karras_sigmas applies to sampler='euler' only, got sampler={sampler!r}")
     n, num_train_timesteps = num_inference_steps, len(alphas_cumprod)
@@ -197,9 +245,12 @@ def noise_levels(sampler: str, alphas_cumprod: torch.Tensor, num_inference_steps
     #    (50 steps: 951, 932, ..., 20)
     if sampler == "dpmpp2m":
         timesteps = torch.arange(n, 0, -1, dtype=torch.int64) * (num_train_timesteps // (n + 1)) + STEPS_OFFSET
+    elif sampler == "lcm":
+        timesteps = lcm_timesteps(n, num_train_timesteps)  # (n,) 4 steps: 999, 759, 499, 259
     else:
         timesteps = leading_timesteps(n, num_train_timesteps)  # (n,) int64
     # 2. where the last step lands: SD's DDIM on alpha_bar_0 ("set_alpha_to_one": false), the others on x_0 itself
+    #    (LCM's last step returns its clean estimate)
     final = alphas_cumprod[:1] if sampler == "ddim" else torch.ones(1, dtype=alphas_cumprod.dtype)
     alpha_bars = torch.cat([alphas_cumprod[timesteps], final])  # (n + 1,)
     sigmas = sigma_of(alpha_bars)  # (n + 1,), float32 as in diffusers
@@ -318,7 +369,34 @@ def sample_dpmpp_2m(predict_noise: NoisePredictor, x_t: torch.Tensor, levels: No
     return x
 
 
+def sample_lcm(predict_noise: NoisePredictor, x_t: torch.Tensor, levels: NoiseLevels, *,
+               generator: torch.Generator | None = None, callback: StepCallback | None = None,
+               progress: bool = False) -> torch.Tensor:
+    """Multistep latent consistency sampling, Luo et al. 2023, Algorithm 3 (diffusers' LCMScheduler).
+
+    Each step maps x_t straight to a clean estimate with the consistency function, then noises that estimate to the
+    next timestep with fresh noise (eq. 4 of Ho et al. 2020); the last step returns the estimate itself.
+    Made for a UNet distilled into a consistency model (an LCM, or SD with an LCM-LoRA): SD alone jumps to its
+    one-step x_0 guess at every step, and its pictures are blurred.
+    """
+    x, n = x_t, len(levels.timesteps)
+    for i in trange(n, disable=not progress, desc="sampling (lcm)"):
+        t = levels.timesteps[i]
+        eps = predict_noise(x, t)
+        c_skip, c_out = consistency_scalings(t)
+        denoised = c_skip * x + c_out * predict_x0(x, eps, levels.alpha_bars[i])  # f(x_t, t), Luo et al. sec. 4.1
+        if i < n - 1:  # Algorithm 3: z ~ N(0, I), x_next = sqrt(alpha_bar_next) f + sqrt(1 - alpha_bar_next) z
+            noise = randn(eps.shape, generator, denoised.dtype, eps.device)
+            x_next = q_sample(denoised, noise, levels.alpha_bars[i + 1])
+        else:
+            x_next = denoised  # no noise after the last step (nor in a one-step run)
+        if callback is not None:
+            callback(i, t.item(), x, denoised)
+        x = x_next
+    return x
+
+
 # The sampler names a `sampler` argument may take, and the loop each one runs.
 SAMPLING_LOOPS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "euler": sample_euler,
-                  "euler_a": sample_euler_ancestral, "dpmpp2m": sample_dpmpp_2m}
+                  "euler_a": sample_euler_ancestral, "dpmpp2m": sample_dpmpp_2m, "lcm": sample_lcm}
 SAMPLERS = tuple(SAMPLING_LOOPS)

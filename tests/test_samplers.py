@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler)
 
 from sd.diffusion import DiffusionScheduler
 from sd.samplers import SAMPLERS, ddim_step, euler_step
@@ -31,6 +31,8 @@ def diffusers_scheduler(name, use_karras_sigmas=False):
         return EulerAncestralDiscreteScheduler(**SD15)
     if name == "dpmpp2m":
         return DPMSolverMultistepScheduler(**SD15)
+    if name == "lcm":
+        return LCMScheduler(**SD15)  # its schedule and step: tests/test_lcm.py
     raise AssertionError(name)
 
 
@@ -251,9 +253,9 @@ def test_strength_too_small_for_the_step_count_raises():
 
 def test_unknown_sampler_lists_the_known_ones():
     unet, (context, _) = FakeUNet(), contexts()
-    with pytest.raises(ValueError, match="unknown sampler 'heun'.*ddpm, ddim, euler, euler_a, dpmpp2m"):
+    with pytest.raises(ValueError, match="unknown sampler 'heun'.*ddpm, ddim, euler, euler_a, dpmpp2m, lcm"):
         DiffusionScheduler().sample(unet, context, SHAPE, sampler="heun", progress=False)
-    assert SAMPLERS == ("ddpm", "ddim", "euler", "euler_a", "dpmpp2m")
+    assert SAMPLERS == ("ddpm", "ddim", "euler", "euler_a", "dpmpp2m", "lcm")
 
 
 def test_options_for_other_samplers_are_rejected():

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..io.checkpoint import load_checkpoint
 from ..runtime.device import DTYPES, detect_runtime
-from ..samplers import SAMPLERS
+from ..samplers import LCM_ORIGINAL_STEPS, SAMPLERS, require_sampler
 from .arguments import add_device_option, image_count, image_path, image_side, positive_int, random_seed
 
 
@@ -18,8 +18,11 @@ def _common_options(p: argparse.ArgumentParser) -> None:
                    help="SD v1.x weights: a .safetensors/.ckpt file or a diffusers folder; "
                         "default: the project's small model trained on shapes (see README)")
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt: what to steer away from")
-    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps, 1..1000 (default 50)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler (default ddim)")
+    p.add_argument("--steps", type=positive_int, default=50,
+                   help=f"denoising steps, 1..1000, 1..{LCM_ORIGINAL_STEPS} with lcm (default 50)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="sampler (default ddim); lcm: 2 to 8 steps at --cfg 1 to 2, for weights with an "
+                        "LCM-LoRA fused in (README, 'Pictures in 4 steps')")
     p.add_argument("--cfg", type=float, default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale; <= 1 turns guidance off (default 7.5)")
     p.add_argument("--seed", type=random_seed, default=None,
@@ -48,6 +51,14 @@ def add_parser(sub) -> None:
                           "default: the model's native size, 512 for SD v1.5, 32 for the small model")
     gen.add_argument("--height", type=image_side, default=None, help="image height (overrides --size)")
     gen.add_argument("--width", type=image_side, default=None, help="image width (overrides --size)")
+    gen.add_argument("--controlnet", action="append", metavar="PATH",
+                     help="a ControlNet (diffusers folder or file, or an original ControlNet 1.0/1.1 .pth or "
+                          ".safetensors) steering the picture with --control-image; repeat for several")
+    gen.add_argument("--control-image", action="append", metavar="FILE",
+                     help="the control picture (e.g. edges: sd.controlnet.canny_control_image), one per "
+                          "--controlnet; it sets the size unless --size/--height/--width are given")
+    gen.add_argument("--control-scale", action="append", type=float, metavar="SCALE",
+                     help="how strongly each ControlNet steers, one per --controlnet (default 1.0)")
     gen.set_defaults(handler=run_generate)
 
     i2i = sub.add_parser("img2img", help="image to image",
@@ -66,7 +77,10 @@ def _load(args):
     """The checkpoint on the device, number format and memory savers this machine calls for (sd/runtime/device.py)."""
     runtime = detect_runtime(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else runtime.dtype
-    return runtime.apply(load_checkpoint(args.checkpoint, device=runtime.device, dtype=dtype))
+    pipe = runtime.apply(load_checkpoint(args.checkpoint, device=runtime.device, dtype=dtype))
+    for path in getattr(args, "controlnet", None) or []:
+        pipe.load_controlnet(path)
+    return pipe
 
 
 def _save(images: list[Image.Image], out: Path) -> list[Path]:
@@ -78,6 +92,7 @@ def _save(images: list[Image.Image], out: Path) -> list[Path]:
 
 
 def _generate_and_save(args, **inputs) -> None:
+    require_sampler(args.sampler, args.steps)          # the sampler's own step limit, before the model loads
     pipe = _load(args)
     steps_run = []            # counted as they run: image to image runs only the last `strength` of the steps
     start = time.perf_counter()
@@ -93,8 +108,25 @@ def _generate_and_save(args, **inputs) -> None:
 
 
 def run_generate(args) -> None:
-    """Handler of `generate`."""
-    _generate_and_save(args, height=args.height or args.size, width=args.width or args.size)
+    """Handler of `generate`; control images are read before the model is loaded."""
+    control = {}
+    if args.controlnet or args.control_image:
+        if len(args.control_image or []) != len(args.controlnet or []):
+            raise ValueError(f"give one --control-image per --controlnet, got {len(args.control_image or [])} "
+                             f"for {len(args.controlnet or [])}")
+        scales = args.control_scale or [1.0] * len(args.controlnet)
+        control = dict(control_image=[_read_image(p, "control image") for p in args.control_image],
+                       controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales)
+    _generate_and_save(args, height=args.height or args.size, width=args.width or args.size, **control)
+
+
+def _read_image(path: str, what: str) -> Image.Image:
+    try:
+        picture = Image.open(path)
+        picture.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the {what} {path}: {e}") from None
+    return picture
 
 
 def run_img2img(args) -> None:
