@@ -158,6 +158,85 @@ def controlnet_fits(net: ControlNet, unet: DiffusionUNET) -> str | None:
     return None
 
 
+# --- steering a sampling run: what generate(control_image=...) uses ---------------------------------------------------
+
+@dataclass(frozen=True)
+class ControlInputs:
+    """The checked control arguments of one generate call, one entry per loaded ControlNet."""
+    pictures: list[Image.Image]     # RGB, as given (resized to the output size by `control_tensor`)
+    scales: list[float]             # controlnet_conditioning_scale
+    starts: list[float]             # control_guidance_start: the fraction of the steps before it acts
+    ends: list[float]               # control_guidance_end: the fraction of the steps after which it stops
+
+
+def _per_net(value, name: str, n: int) -> list:
+    """One value for every ControlNet, or a list/tuple of one each."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} must hold one entry per loaded ControlNet ({n}), got {len(value)}")
+        return list(value)
+    return [value] * n
+
+
+def require_control(control_image, scale, start, end, n_nets: int) -> ControlInputs:
+    """Check generate's control arguments against the number of loaded ControlNets; one line per mistake."""
+    if n_nets == 0:
+        raise ValueError("control_image needs a ControlNet: load one first with pipe.load_controlnet(path)")
+    images = control_image if isinstance(control_image, (list, tuple)) else [control_image]
+    if len(images) != n_nets:
+        raise ValueError(f"control_image: {len(images)} pictures for {n_nets} loaded ControlNets; give one each")
+    pictures = [require_picture("control_image" if n_nets == 1 else f"control_image[{i}]", p)
+                for i, p in enumerate(images)]
+    scales = [require_scale(v, "controlnet_conditioning_scale")
+              for v in _per_net(scale, "controlnet_conditioning_scale", n_nets)]
+    starts = [require_number(v, "control_guidance_start", 0.0, 1.0)
+              for v in _per_net(start, "control_guidance_start", n_nets)]
+    ends = [require_number(v, "control_guidance_end", 0.0, 1.0) for v in _per_net(end, "control_guidance_end", n_nets)]
+    for s, e in zip(starts, ends):
+        if s >= e:   # diffusers refuses the same (StableDiffusionControlNetPipeline.check_inputs)
+            raise ValueError(f"control_guidance_start must be below control_guidance_end, got {s:g} and {e:g}")
+    return ControlInputs(pictures, scales, starts, ends)
+
+
+def control_tensor(picture: Image.Image, height: int, width: int) -> torch.Tensor:
+    """An RGB picture -> (1, 3, height, width) in [0, 1] (not SD's [-1, 1]: ControlNets take the image as it is,
+    as diffusers' control image processor gives it), resized with Lanczos where the size differs."""
+    if picture.size != (width, height):
+        picture = picture.resize((width, height), Image.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / MAX_BYTE)   # (H, W, 3) in [0, 1]
+    return pixels.permute(2, 0, 1)[None]                                            # (1, 3, H, W)
+
+
+class ControlledUNet:
+    """The UNet as the sampler calls it, unet(x, context, t), with the ControlNets' residuals added.
+
+    Each ControlNet acts on the steps whose share of the run lies in [start, end] (diffusers' `controlnet_keep`);
+    the residuals of several ControlNets are summed. With classifier-free guidance the sampler passes both halves
+    (unconditional first) as one batch, and the ControlNets see both with the same control image, as diffusers does
+    without `guess_mode`.
+    """
+
+    def __init__(self, unet: nn.Module, nets: list[ControlNet], images: list[torch.Tensor], inputs: ControlInputs,
+                 timesteps: torch.Tensor):
+        self.unet, self.nets, self.images, self.inputs = unet, nets, images, inputs
+        self.timesteps = timesteps.float().cpu()                  # (n,) the run's timesteps, to find the step
+
+    def __call__(self, x: torch.Tensor, context: torch.Tensor, t) -> torch.Tensor:
+        n = len(self.timesteps)
+        i = int((self.timesteps - torch.as_tensor(t).float().cpu()).abs().argmin())   # this step's index
+        down, mid = None, None
+        for net, image, scale, start, end in zip(self.nets, self.images, self.inputs.scales, self.inputs.starts,
+                                                 self.inputs.ends):
+            if i / n < start or (i + 1) / n > end or scale == 0:
+                continue                              # diffusers runs it with scale 0: the same zero residuals
+            if image.shape[0] != x.shape[0]:          # guidance: (B, 3, H, W) -> (2B, 3, H, W), both halves
+                image = torch.cat([image] * (x.shape[0] // image.shape[0]))
+            d, m = net(x, context, t, image, scale)
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return self.unet(x, context, t, down_residuals=down, mid_residual=mid)
+
+
 # --- making control images ------------------------------------------------------------------------------------------
 # Canny's hysteresis thresholds on 0..255 grey levels: lllyasviel's canny demo's defaults (low 100, high 200),
 # https://github.com/lllyasviel/ControlNet/blob/1e5c75a5cfb45c3fc727a152238045fb51f5660a/gradio_canny2image.py

@@ -129,10 +129,10 @@ class DiffusionUNET(nn.Module):
         for level in self.down:
             x = level(x, emb, context, skips)        # pushes its skips
         if down_residuals is not None:               # ControlNet: each skip gets its residual, same shape
-            skips = [s + r for s, r in zip(skips, self._check_residuals(down_residuals, skips))]
+            skips = [s + r for s, r in zip(skips, self._check_residuals(down_residuals, skips, "down_residuals"))]
         x = self.mid(x, emb, context)
         if mid_residual is not None:
-            x = x + self._check_residuals([mid_residual], [x])[0]
+            x = x + self._check_residuals([mid_residual], [x], "mid_residual")[0]
         for level in self.up:
             x = level(x, emb, context, skips)        # pops one skip per residual block
 
@@ -148,14 +148,15 @@ class DiffusionUNET(nn.Module):
         return context.expand(b, -1, -1) if context.shape[0] != b else context
 
     @staticmethod
-    def _check_residuals(residuals: list[torch.Tensor], maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _check_residuals(residuals: list[torch.Tensor], maps: list[torch.Tensor], name: str) -> list[torch.Tensor]:
         """A ControlNet's residuals must match the feature maps they are added to, one for one."""
         if len(residuals) != len(maps):
-            raise ValueError(f"down_residuals must hold one tensor per skip ({len(maps)}), got {len(residuals)}")
+            raise ValueError(f"{name} must hold one tensor per skip ({len(maps)}), got {len(residuals)}")
         for i, (r, m) in enumerate(zip(residuals, maps)):
             if not isinstance(r, torch.Tensor) or r.shape != m.shape:
                 got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
-                raise ValueError(f"ControlNet residual {i} must have shape {tuple(m.shape)}, got {got}")
+                where = f"{name}[{i}]" if len(maps) > 1 else name
+                raise ValueError(f"{where} must have shape {tuple(m.shape)} (a ControlNet's output), got {got}")
         return residuals
 
     @staticmethod

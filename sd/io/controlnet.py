@@ -12,6 +12,7 @@ A weight that is missing, unexpected or of the wrong shape is a one-line error n
 from __future__ import annotations
 
 import json
+import os
 import re
 from functools import partial
 from pathlib import Path
@@ -127,7 +128,12 @@ def infer_controlnet_config(s: dict, given: dict | None = None) -> ControlNetCon
 
 def load_controlnet(source, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ControlNet:
     """A diffusers ControlNetModel folder or file, or an original ControlNet 1.0/1.1 file -> a ControlNet, eval."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"a ControlNet must be given as the path of a folder or file (a str or pathlib.Path), got "
+                        f"{type(source).__name__}")
     path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no ControlNet at {path}")
     given = {}
     if path.is_dir():
         given = _folder_config(path)
