@@ -8,7 +8,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sd
+from sd.cli import main
 from sd.controlnet import ControlNet, ControlNetConfig, canny_control_image
+from sd.io.checkpoint import save_checkpoint
 from sd.io.controlnet import load_controlnet
 from sd.pipeline import StableDiffusion
 from tests.reference import randomize, reference_and_ours, rel_err
@@ -351,6 +353,28 @@ def test_a_controlnet_that_does_not_fit_the_unet_is_refused(pipes, tmp_path):
                                          r"the UNet's is \(32, 64, 64, 64\)"):
         mine.load_controlnet(tmp_path)
     assert mine.controlnets == []
+
+
+# --- the command line ----------------------------------------------------------------------------------------------
+
+def test_cli_generates_a_controlled_picture_the_control_image_size(nets, tmp_path, capsys):
+    models = nets["our_models"]
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", models["clip"], models["encoder"], models["decoder"],
+                                 models["unet"])
+    edges = tmp_path / "edges.png"
+    canny_control_image(control_picture(3, side=128).resize((128, 64))).save(edges)
+    out = tmp_path / "controlled.png"
+    assert main(["generate", "a star", "--checkpoint", str(checkpoint), "--controlnet", str(nets["folder_a"]),
+                 "--control-image", str(edges), "--control-scale", "0.8", "--steps", "2", "--seed", "0",
+                 "--out", str(out)]) == 0
+    assert f"saved {out} (128x64" in capsys.readouterr().out
+    assert Image.open(out).size == (128, 64)
+
+
+def test_cli_wants_one_control_image_per_controlnet(nets, tmp_path, capsys):
+    assert main(["generate", "a star", "--checkpoint", str(tmp_path / "unread.safetensors"),
+                 "--controlnet", str(nets["folder_a"])]) == 2
+    assert "give one --control-image per --controlnet, got 0 for 1" in capsys.readouterr().err
 
 
 # --- making control images ------------------------------------------------------------------------------------------
