@@ -9,7 +9,7 @@ on the conditional flow-matching loss with SD3's logit-normal times (velocity ta
 then sampled from the same noise at 1, 2, 4, 8, 16 and 32 steps, deterministically: DDIM (η = 0) on evenly spaced
 timesteps for the ε model, Euler on evenly spaced times for the flow. Quality is the Fréchet distance to real
 pictures on the attribute judge's features (`sd.training.frechet`; lower is better) and the share of samples the
-judge reads with confidence >= CONFIDENT on every attribute. The floor (real against real) and pure noise are
+judge reads with confidence >= 0.9 on every attribute (`confident_share`). The floor (real against real) and pure noise are
 printed for scale.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from sd.flow_matching import flow_matching_loss
 from sd.pixel_unet import IMAGE_SIZE, TinyUNet, cosine_alpha_bar
 from sd.samplers import ddim_step
 from sd.training.data import ShapesDataset
-from sd.training.evaluation import load_classifier
-from sd.training.frechet import CONFIDENT, confident_share, frechet_distance, judge_features
+from sd.training.evaluation import confident_share, judge_features, load_classifier
+from sd.training.frechet import frechet_distance
 
 # notebook 04's schedule and training settings
 T = 1000
@@ -75,8 +75,8 @@ def train(loss_fn, images, steps: int, seed: int) -> TinyUNet:
 
 @torch.no_grad()
 def sample_eps(model, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """Deterministic DDIM from t = T - 1 to a clean estimate, `steps` evenly spaced timesteps."""
-    timesteps = torch.linspace(T - 1, 0, steps).round().long()
+    """Deterministic DDIM from t = T - 1 to a clean estimate: `steps` steps from evenly spaced timesteps."""
+    timesteps = torch.linspace(T - 1, 0, steps + 1)[:-1].round().long()     # 999, 500 for 2 steps; then to 1
     x = noise
     for i, t in enumerate(timesteps):
         a_prev = ALPHA_BAR[timesteps[i + 1]] if i + 1 < steps else torch.tensor(1.0)

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from sd.diffusion import min_snr_weights
 from sd.training.data import ShapesDataset
-from sd.training.evaluation import load_classifier
-from sd.training.frechet import frechet_distance, judge_features
+from sd.training.evaluation import judge_features, load_classifier
+from sd.training.frechet import frechet_distance
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "solutions" / "04_pixel_diffusion.ipynb"
 MIN_SNR_GAMMA = 5.0            # Hang et al. 2023, their default

@@ -160,18 +160,23 @@ def draw(attributes: Attributes, image_size: int = REFERENCE_SIZE, radius: float
     return bg + (fg - bg) * coverage                                      # (3, H, W)
 
 
+def draw_with_jitter(attributes: Attributes, image_size: int, rng: np.random.Generator) -> torch.Tensor:
+    """Draw `attributes` as the dataset does: a random radius within the size's range, the centre jittered."""
+    scale = image_size / REFERENCE_SIZE
+    radius = rng.uniform(*(LARGE_RADIUS if attributes.size == "large" else SMALL_RADIUS))
+    dx, dy = OFFSETS[attributes.position]
+    cx = image_size / 2 + (dx * CORNER_OFFSET + rng.uniform(-JITTER, JITTER)) * scale
+    cy = image_size / 2 + (dy * CORNER_OFFSET + rng.uniform(-JITTER, JITTER)) * scale
+    return draw(attributes, image_size, radius, (cx, cy))
+
+
 def _sample(rng: np.random.Generator, combos: list, image_size: int) -> tuple[torch.Tensor, str, Attributes, list[int]]:
     """One image, its caption, its attributes, and the caption's label row (NOT_SAID where a word is left out)."""
     shape, color, background = combos[rng.integers(len(combos))]
     size = SIZES[rng.integers(len(SIZES))]
     position = "center" if size == "large" else POSITIONS[rng.integers(len(POSITIONS))]
     attributes = Attributes(shape, color, background, size, position)
-    scale = image_size / REFERENCE_SIZE
-    radius = rng.uniform(*(LARGE_RADIUS if size == "large" else SMALL_RADIUS))
-    dx, dy = OFFSETS[position]
-    cx = image_size / 2 + (dx * CORNER_OFFSET + rng.uniform(-JITTER, JITTER)) * scale
-    cy = image_size / 2 + (dy * CORNER_OFFSET + rng.uniform(-JITTER, JITTER)) * scale
-    image = draw(attributes, image_size, radius, (cx, cy))
+    image = draw_with_jitter(attributes, image_size, rng)
     said_size = size if rng.random() < P_SIZE_WORD else None
     said_position = position if size == "small" and rng.random() < P_POSITION_WORDS else None
     said = attributes.label()

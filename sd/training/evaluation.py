@@ -17,13 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import (ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, COLORS, HELD_OUT, POSITIONS, SHAPES, SIZES, ShapesDataset,
-                   caption_for, training_combinations)
+from .data import (ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, COLORS, HELD_OUT, POSITIONS, SHAPES, SIZES, Attributes,
+                   ShapesDataset, caption_for, draw_with_jitter, training_combinations)
+from .frechet import frechet_distance
 from .vae import vae_psnr
 
 DEFAULT_GUIDANCE = 5.0          # guidance scale of the evaluation's guided run (small models need less than SD's 7.5)
@@ -35,6 +37,8 @@ CLASSIFIER_FILE = Path(__file__).parent.parent / "assets" / "attribute_classifie
 # Seeds of the classifier's own data, apart from the training data's seed 0.
 CLASSIFIER_TRAIN_SEED, CLASSIFIER_TEST_SEED = 101, 102
 CLASSIFIER_TRAIN_SIZE, CLASSIFIER_TEST_SIZE = 12_000, 2_000
+# Seed of the real drawings the Fréchet distance compares with (the next seed draws the second set, for its floor).
+REAL_SEED = 201
 CLASSIFIER_STEPS, CLASSIFIER_BATCH, CLASSIFIER_LR = 1000, 128, 2e-3
 CLASSIFIER_EVAL_BATCH = 250     # images per batch when the judge is measured (a progress step every few seconds)
 BLUR_PROBABILITY = 0.5          # augmentation: generated images are softer than drawn ones
@@ -101,6 +105,35 @@ class AttributeClassifier(nn.Module):
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 5) indices of shape, color, background, size, position."""
         return torch.stack([logits.argmax(dim=1) for logits in self(image.float())], dim=1)
+
+
+# The judge reads 32 x 32 pictures; smaller ones are upsampled (nearest), real and drawn alike.
+JUDGE_SIZE = 32
+# A picture counts as read with confidence when the judge gives every attribute's top value at least this probability.
+CONFIDENT = 0.9
+
+
+@torch.no_grad()
+def judge_features(judge: AttributeClassifier, pictures: torch.Tensor) -> torch.Tensor:
+    """(N, 3, h, w) in [-1, 1] -> (N, D) the judge's pooled features (max and mean over positions), float64."""
+    if not isinstance(pictures, torch.Tensor) or pictures.dim() != 4 or pictures.shape[1] != 3:
+        shape = tuple(pictures.shape) if isinstance(pictures, torch.Tensor) else type(pictures).__name__
+        raise ValueError(f"pictures must be a (N, 3, H, W) tensor in [-1, 1], got {shape}")
+    pictures = F.interpolate(pictures.float(), size=JUDGE_SIZE, mode="nearest")
+    h = judge.features(with_coordinates(pictures))
+    return torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], dim=1).double()
+
+
+@torch.no_grad()
+def confident_share(judge: AttributeClassifier, pictures: torch.Tensor, confident: float = CONFIDENT) -> float:
+    """The share of (N, 3, h, w) pictures in [-1, 1] that the judge reads with probability >= `confident` on every
+    attribute (shape, colour, background, size, position): a picture it can read at all, not one that is right."""
+    pictures = F.interpolate(pictures.float(), size=JUDGE_SIZE, mode="nearest")
+    sure = torch.ones(len(pictures), dtype=torch.bool, device=pictures.device)
+    for logits in judge(pictures):
+        sure &= logits.softmax(dim=1).amax(dim=1) >= confident
+    return sure.float().mean().item()
+
 
 
 def _augment(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -196,6 +229,20 @@ def score(classifier: AttributeClassifier, images: torch.Tensor, keys: list[tupl
     return (classifier.predict(images) == want) | (want < 0)
 
 
+def real_pictures(keys: list[tuple], image_size: int, seed: int) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1]: a real drawing of each key, jittered as the dataset draws; a short key (shape,
+    colour, background) gets the dataset's random size and position."""
+    rng = np.random.default_rng(seed)
+    pictures = []
+    for key in keys:
+        shape, color, background, *rest = key
+        size = rest[0] if rest else SIZES[rng.integers(len(SIZES))]
+        position = rest[1] if len(rest) > 1 else ("center" if size == "large" else
+                                                   POSITIONS[rng.integers(len(POSITIONS))])
+        pictures.append(draw_with_jitter(Attributes(shape, color, background, size, position), image_size, rng))
+    return torch.stack(pictures) * 2 - 1
+
+
 def _rates(right: torch.Tensor, said: torch.Tensor) -> dict[str, float]:
     """Per attribute (over the prompts that say it) and whole caption, from (N, 5) right and said."""
     out = {"caption": right.all(1).float().mean().item() if len(right) else float("nan")}
@@ -221,12 +268,17 @@ def prompt_accuracy(model, classifier: AttributeClassifier, guidance_scale: floa
     images = generate(model, [prompt_caption(k) for k in keys], num_inference_steps, guidance_scale, seed,
                       progress=progress)
     right = score(classifier, images, keys)                                 # (N, 5)
+    # the Fréchet distance to real pictures of the same captions, and between two real sets (its floor)
+    real = judge_features(classifier, real_pictures(keys, images.shape[-1], seed=REAL_SEED))
+    other = judge_features(classifier, real_pictures(keys, images.shape[-1], seed=REAL_SEED + 1))
+    fd, fd_floor = frechet_distance(judge_features(classifier, images), real), frechet_distance(other, real)
     said = _want(keys) >= 0                                                 # (N, 5)
     overall = _rates(right, said)
     split = {"held_out": _rates(right[held], said[held]), "seen": _rates(right[~held], said[~held])}
     return {"accuracy": overall["caption"], "held_out": split["held_out"]["caption"],
             "seen": split["seen"]["caption"], **{name: overall[name] for name in ATTRIBUTE_NAMES},
-            "by_split": split, "images": len(keys), "guidance_scale": guidance_scale, "steps": num_inference_steps}
+            "by_split": split, "images": len(keys), "guidance_scale": guidance_scale, "steps": num_inference_steps,
+            "frechet_distance": fd, "frechet_floor": fd_floor}
 
 
 def model_psnr(model, image_size: int | None = None, progress: bool = False) -> float:
@@ -284,6 +336,9 @@ def format_report(report: dict) -> str:
         lines.append(f"prompt accuracy {title} (scale {r['guidance_scale']:g}, {r['steps']} DDIM steps, "
                      f"{r['images']} images): whole caption {r['accuracy']:.3f}  held-out {r['held_out']:.3f}  "
                      f"seen {r['seen']:.3f}")
+        if "frechet_distance" in r:
+            lines.append(f"    Fréchet distance to real drawings of the same captions (judge's features): "
+                         f"{r['frechet_distance']:.0f}  (real against real: {r['frechet_floor']:.0f})")
         for split in ("seen", "held_out"):
             rates = r["by_split"][split]
             lines.append(f"    {split.replace('_', '-'):>8}: " + "  ".join(f"{a} {rates[a]:.3f}" for a in ATTRIBUTE_NAMES))

@@ -1,7 +1,9 @@
-"""The Fréchet distance between two sets of pictures, measured on the attribute judge's features.
+"""The Fréchet distance between two sets of features: FID's formula, here on the attribute judge's features.
 
-FID's formula (Heusel et al. 2017, eq. 6) on the features of `sd.training.evaluation`'s attribute classifier
-instead of Inception's (no download; the judge knows the shapes pictures): fit a Gaussian to each set's features,
+FID (Heusel et al. 2017, eq. 6) compares Inception-v3 features of real and generated photographs. The shapes course
+uses the features of its own attribute judge instead (`sd.training.evaluation.judge_features`): no download, and a
+network that knows 16- and 32-pixel shapes, which Inception, trained on ImageNet photographs, does not. Fit a
+Gaussian to each set's features,
 
     FD = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)
 
@@ -11,38 +13,9 @@ pictures are noisy: compare sets of the same size, and repeat with other seeds b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .evaluation import AttributeClassifier, with_coordinates
-
-# The judge reads 32 x 32 pictures; smaller ones are upsampled (nearest), real and drawn alike.
-JUDGE_SIZE = 32
-# A picture counts as read with confidence when the judge gives every attribute's top value at least this probability.
-CONFIDENT = 0.9
 # Fewer pictures than this give a covariance too rank-deficient to mean much.
 MIN_PICTURES = 2
-
-
-@torch.no_grad()
-def judge_features(judge: AttributeClassifier, pictures: torch.Tensor) -> torch.Tensor:
-    """(N, 3, h, w) in [-1, 1] -> (N, D) the judge's pooled features (max and mean over positions), float64."""
-    if not isinstance(pictures, torch.Tensor) or pictures.dim() != 4 or pictures.shape[1] != 3:
-        shape = tuple(pictures.shape) if isinstance(pictures, torch.Tensor) else type(pictures).__name__
-        raise ValueError(f"pictures must be a (N, 3, H, W) tensor in [-1, 1], got {shape}")
-    pictures = F.interpolate(pictures.float(), size=JUDGE_SIZE, mode="nearest")
-    h = judge.features(with_coordinates(pictures))
-    return torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], dim=1).double()
-
-
-@torch.no_grad()
-def confident_share(judge: AttributeClassifier, pictures: torch.Tensor, confident: float = CONFIDENT) -> float:
-    """The share of (N, 3, h, w) pictures in [-1, 1] that the judge reads with probability >= `confident` on every
-    attribute (shape, colour, background, size, position): a picture it can read at all, not one that is right."""
-    pictures = F.interpolate(pictures.float(), size=JUDGE_SIZE, mode="nearest")
-    sure = torch.ones(len(pictures), dtype=torch.bool, device=pictures.device)
-    for logits in judge(pictures):
-        sure &= logits.softmax(dim=1).amax(dim=1) >= confident
-    return sure.float().mean().item()
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
