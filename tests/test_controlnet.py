@@ -236,6 +236,22 @@ def test_a_pickle_holding_code_is_refused(tmp_path):
         load_controlnet(path)
 
 
+@pytest.mark.full_size
+def test_sd15_sized_original_controlnet_file_loads_as_sd15s_controlnet_and_matches_diffusers(tmp_path):
+    """SD v1.5's full layout and widths (320..1280, 768-wide text, 8 heads) from an original-layout file."""
+    torch.manual_seed(0)
+    ref = diffusers_controlnet(sd.UNetConfig(), 21)
+    path = tmp_path / "control_full.safetensors"
+    save_file(original_state(ref), str(path))
+    ours = load_controlnet(path)
+    assert ours.config == ControlNetConfig()            # SD v1.5's UNet config and the (16, 32, 96, 256) embedding
+    x, ctx, hint = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 768), torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected_down, expected_mid = ref(x, 400, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
+        down, mid = ours(x, ctx, 400, hint)
+    assert max(rel_err(a, b) for a, b in zip([*down, mid], [*expected_down, expected_mid])) < TOL
+
+
 # --- the pipeline ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
