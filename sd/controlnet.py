@@ -109,8 +109,10 @@ class ControlNet(nn.Module):
         net = cls(ControlNetConfig.from_unet_config(unet.config, **config_changes))
         copied = {k: v for k, v in unet.state_dict().items() if k.startswith(("time_embedding.", "conv_in.", "down.",
                                                                                "mid."))}
-        net.load_state_dict(copied, strict=False)
-        return net.to(next(unet.parameters()).dtype)
+        unexpected = net.load_state_dict(copied, strict=False).unexpected_keys   # the zero convs and embedding stay
+        assert not unexpected, f"the ControlNet lacks the UNet's {unexpected[:3]}"
+        weight = next(unet.parameters())
+        return net.to(weight.device, weight.dtype)
 
     def forward(self, latent: torch.Tensor, context: torch.Tensor, timestep, control_image: torch.Tensor,
                 conditioning_scale: float = 1.0) -> tuple[list[torch.Tensor], torch.Tensor]:

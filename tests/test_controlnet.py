@@ -229,6 +229,13 @@ def test_file_mismatches_name_the_key_as_the_file_spells_it(nets, tmp_path):
         load_controlnet(tmp_path / "other.safetensors")
 
 
+def test_an_sd2_controlnet_is_refused_by_family(tmp_path):
+    ref = diffusers_controlnet(sd.UNetConfig(block_channels=(32, 64, 64, 64), context_dim=1024), 6)
+    ref.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"looks like an SD 2\.x checkpoint.*only SD v1\.x is supported"):
+        load_controlnet(tmp_path)
+
+
 def test_a_pickle_holding_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"control_model.input_hint_block.0.weight": torch.zeros(1), "x": np.float64}, path)
