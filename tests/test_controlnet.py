@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sd
+import sd.cli.generate
 from sd.cli import main
 from sd.controlnet import ControlNet, ControlNetConfig, canny_control_image
 from sd.io.checkpoint import save_checkpoint
@@ -398,6 +399,25 @@ def test_cli_wants_one_control_image_per_controlnet(nets, tmp_path, capsys):
     assert main(["generate", "a star", "--checkpoint", str(tmp_path / "unread.safetensors"),
                  "--controlnet", str(nets["folder_a"])]) == 2
     assert "give one --control-image per --controlnet, got 0 for 1" in capsys.readouterr().err
+    assert main(["generate", "a star", "--control-image", "edges.png", "--canny"]) == 2
+    assert "--control-image and --canny need a ControlNet: --controlnet PATH" in capsys.readouterr().err
+
+
+def test_cli_canny_turns_a_photo_into_its_edges_first(nets, tmp_path, monkeypatch):
+    photo = tmp_path / "photo.png"
+    picture = np.zeros((64, 64, 3), np.uint8)
+    picture[16:48, 16:48] = 230
+    Image.fromarray(picture).save(photo)
+    seen = {}
+
+    def fake_generate_and_save(args, **inputs):
+        seen.update(inputs)
+    monkeypatch.setattr(sd.cli.generate, "_generate_and_save", fake_generate_and_save)
+    assert main(["generate", "a star", "--controlnet", str(nets["folder_a"]), "--control-image", str(photo),
+                 "--canny"]) == 0
+    edges = seen["control_image"][0]
+    assert np.asarray(edges).any()                                  # the square's outline, not a blank picture
+    assert np.array_equal(np.asarray(edges), np.asarray(canny_control_image(Image.open(photo))))
 
 
 # --- making control images ------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..controlnet import canny_control_image
 from ..io.checkpoint import load_checkpoint
 from ..runtime.device import DTYPES, detect_runtime
 from ..samplers import LCM_ORIGINAL_STEPS, SAMPLERS, require_sampler
@@ -59,6 +60,9 @@ def add_parser(sub) -> None:
                           "--controlnet; it sets the size unless --size/--height/--width are given")
     gen.add_argument("--control-scale", action="append", type=float, metavar="SCALE",
                      help="how strongly each ControlNet steers, one per --controlnet (default 1.0)")
+    gen.add_argument("--canny", action="store_true",
+                     help="the control images are photos: use their Canny edges (sd.controlnet.canny_control_image, "
+                          "needs scikit-image), for a canny ControlNet")
     gen.set_defaults(handler=run_generate)
 
     i2i = sub.add_parser("img2img", help="image to image",
@@ -110,12 +114,15 @@ def _generate_and_save(args, **inputs) -> None:
 def run_generate(args) -> None:
     """Handler of `generate`; control images are read before the model is loaded."""
     control = {}
-    if args.controlnet or args.control_image:
-        if len(args.control_image or []) != len(args.controlnet or []):
+    if args.controlnet or args.control_image or args.canny:
+        if not args.controlnet:
+            raise ValueError("--control-image and --canny need a ControlNet: --controlnet PATH")
+        if len(args.control_image or []) != len(args.controlnet):
             raise ValueError(f"give one --control-image per --controlnet, got {len(args.control_image or [])} "
-                             f"for {len(args.controlnet or [])}")
+                             f"for {len(args.controlnet)}")
         scales = args.control_scale or [1.0] * len(args.controlnet)
-        control = dict(control_image=[_read_image(p, "control image") for p in args.control_image],
+        pictures = [_read_image(p, "control image") for p in args.control_image]
+        control = dict(control_image=[canny_control_image(p) for p in pictures] if args.canny else pictures,
                        controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales)
     _generate_and_save(args, height=args.height or args.size, width=args.width or args.size, **control)
 
