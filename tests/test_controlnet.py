@@ -15,6 +15,7 @@ from sd.io.checkpoint import save_checkpoint
 from sd.io.controlnet import load_controlnet
 from sd.pipeline import StableDiffusion
 from tests.reference import randomize, reference_and_ours, rel_err
+from tests.test_editing_inputs import readme_messages
 from tests.test_pipeline import SD15_SCHEDULER
 from tests.test_tokenizer import _clip_merges_gz, _write_standard_clip_tokenizer_folder
 
@@ -377,6 +378,29 @@ def test_a_controlnet_that_does_not_fit_the_unet_is_refused(pipes, tmp_path):
                                          r"the UNet's is \(32, 64, 64, 64\)"):
         mine.load_controlnet(tmp_path)
     assert mine.controlnets == []
+
+
+def test_readme_refused_input_rows_for_controlnet_are_the_messages_the_code_gives(nets, pipes):
+    mine = pipes[0]
+    black = Image.new("RGB", (64, 64))
+    cases = {
+        "`control_image` of 70×64 pixels": dict(control_image=Image.new("RGB", (70, 64))),
+        "`controlnet_conditioning_scale=nan`": dict(control_image=black, controlnet_conditioning_scale=float("nan")),
+        "`control_guidance_start=0.8, control_guidance_end=0.2`": dict(control_image=black, control_guidance_start=0.8,
+                                                                      control_guidance_end=0.2),
+    }
+    rows = readme_messages()
+    with pytest.raises(ValueError) as e:
+        mine.generate("x", control_image=black, num_inference_steps=1, progress=False)
+    assert str(e.value) == rows["`control_image` with no ControlNet loaded"]
+    mine.load_controlnet(nets["folder_a"])
+    try:
+        for row, kwargs in cases.items():
+            with pytest.raises(ValueError) as e:
+                mine.generate("x", num_inference_steps=1, progress=False, **kwargs)
+            assert str(e.value) == rows[row]
+    finally:
+        mine.unload_controlnets()
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
