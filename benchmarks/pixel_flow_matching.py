@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sd.flow_matching import flow_matching_loss
-from sd.pixel_unet import IMAGE_SIZE, TinyUNet, cosine_alpha_bar
-from sd.samplers import ddim_step
+from sd.pixel_unet import IMAGE_SIZE, TinyUNet, cosine_alpha_bar, load_pixel_unet, sample_eps_clipped
 from sd.training.data import ShapesDataset
 from sd.training.evaluation import confident_share, judge_features, load_classifier
 from sd.training.frechet import frechet_distance
@@ -75,14 +74,13 @@ def train(loss_fn, images, steps: int, seed: int) -> TinyUNet:
 
 @torch.no_grad()
 def sample_eps(model, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """Deterministic DDIM from t = T - 1 to a clean estimate: `steps` steps from evenly spaced timesteps."""
-    timesteps = torch.linspace(T - 1, 0, steps + 1)[:-1].round().long()     # 999, 500 for 2 steps; then to 1
-    x = noise
-    for i, t in enumerate(timesteps):
-        a_prev = ALPHA_BAR[timesteps[i + 1]] if i + 1 < steps else torch.tensor(1.0)
-        eps = model(x, t.expand(x.shape[0]))
-        x = ddim_step(x, eps, ALPHA_BAR[t], a_prev)[0]
-    return x.clamp(-1, 1)
+    """Deterministic DDIM from t = T - 1 to a clean estimate: `steps` steps from evenly spaced timesteps.
+
+    The predicted x0 is clipped to [-1, 1] and the noise recomputed from it, as notebook 04's sampler clips and as
+    diffusers' DDIMScheduler does by default (clip_sample): at t = 999 the cosine schedule leaves alpha_bar = 2e-9,
+    and x0 = (x - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) multiplies the model's error by 20,000.
+    """
+    return sample_eps_clipped(model, noise, steps, ALPHA_BAR)
 
 
 @torch.no_grad()
@@ -112,6 +110,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save", action="store_true", help="write the first seed's weights to sd/assets (float16)")
+    parser.add_argument("--weights-dir", type=Path, default=None,
+                        help="keep every run's weights here (float16), and evaluate the runs found there instead of "
+                             "training them again")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -131,20 +132,30 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         noise = torch.randn(SAMPLES, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1000 + seed))
         for name, loss_fn, sampler in (("eps", eps_loss, sample_eps), ("flow", flow_loss, sample_flow)):
+            kept = args.weights_dir / f"{name}_seed{seed}.safetensors" if args.weights_dir else None
             start = time.time()
-            model = train(loss_fn, images, args.steps, seed)
-            seconds = time.time() - start
+            if kept is not None and kept.exists():
+                model = TinyUNet()
+                model.load_state_dict({k: v.float() for k, v in load_file(kept).items()})
+                model.eval()
+                trained = "(loaded)"
+            else:
+                model = train(loss_fn, images, args.steps, seed)
+                trained = f"{time.time() - start:.0f} s"
+                state = {k: v.half().contiguous() for k, v in model.state_dict().items()}
+                metadata = {"trained_by": f"python -m benchmarks.pixel_flow_matching --steps {args.steps} "
+                                          f"--seeds {seed}", "objective": name}
+                if kept is not None:
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    save_file(state, kept, metadata=metadata)
+                if args.save and seed == args.seeds[0]:
+                    save_file(state, ASSETS / WEIGHT_FILES[name], metadata=metadata)
             cells = []
             for steps in STEP_COUNTS:
                 drawn = sampler(model, noise, steps)
                 fd = frechet_distance(judge_features(judge, drawn), real)
                 cells.append(f"{fd:6.0f} ({confident_share(judge, drawn):.2f})")
-            print(f"{name:>9} {seed:4d}  {'':23}{'  '.join(cells)}   {seconds:.0f} s", flush=True)
-            if args.save and seed == args.seeds[0]:
-                state = {k: v.half().contiguous() for k, v in model.state_dict().items()}
-                save_file(state, ASSETS / WEIGHT_FILES[name],
-                          metadata={"trained_by": f"python -m benchmarks.pixel_flow_matching --steps {args.steps} "
-                                                  f"--seeds {seed} --save", "objective": name})
+            print(f"{name:>9} {seed:4d}  {'':23}{'  '.join(cells)}   {trained}", flush=True)
 
 
 if __name__ == "__main__":

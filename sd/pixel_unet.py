@@ -36,6 +36,23 @@ def cosine_alpha_bar(num_steps: int = T) -> torch.Tensor:
     return torch.cumprod(1 - betas, dim=0)
 
 
+@torch.no_grad()
+def sample_eps_clipped(model, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (Song et al. 2021, eq. 12, eta = 0) with the predicted x0 clipped to [-1, 1] and the noise
+    recomputed from it (diffusers' DDIMScheduler, clip_sample), from t = 999 in `steps` evenly spaced steps to a clean
+    picture; the pixel model's sampler for few steps (notebook 04 clips the same way in its DDPM loop)."""
+    timesteps = torch.linspace(len(alpha_bar) - 1, 0, steps + 1)[:-1].round().long()   # 999, 500 for 2 steps
+    x = noise
+    for i, t in enumerate(timesteps):
+        a_t = alpha_bar[t]
+        a_prev = alpha_bar[timesteps[i + 1]] if i + 1 < steps else torch.tensor(1.0)
+        eps = model(x, t.expand(x.shape[0]))
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)   # the clean picture it implies, clipped
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()                   # the noise consistent with the clipped x0
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps              # eq. 12 with sigma_t = 0
+    return x.clamp(-1, 1)
+
+
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv; add the timestep; GroupNorm, SiLU, conv; plus the skip (as SD's UNet residual block)."""
 

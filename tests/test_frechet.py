@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from sd import load_checkpoint
-from sd.pixel_unet import IMAGE_SIZE, TinyUNet, cosine_alpha_bar, load_pixel_unet
-from sd.samplers import ddim_step
+from sd.pixel_unet import IMAGE_SIZE, TinyUNet, cosine_alpha_bar, load_pixel_unet, sample_eps_clipped
 from sd.training.data import ATTRIBUTE_NAMES, ShapesDataset
 from sd.training.evaluation import (confident_share, format_report, judge_features, load_classifier, prompt_accuracy,
                                     prompt_set, real_pictures, score)
@@ -28,15 +27,9 @@ def real_set():
     return data.pixels(slice(None))[large]
 
 
-@torch.no_grad()
 def ddim_samples(model, n: int, steps: int = 16) -> torch.Tensor:
-    alpha_bar = cosine_alpha_bar()
     x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
-    timesteps = torch.linspace(999, 0, steps + 1)[:-1].round().long()
-    for i, t in enumerate(timesteps):
-        a_prev = alpha_bar[timesteps[i + 1]] if i + 1 < steps else torch.tensor(1.0)
-        x = ddim_step(x, model(x, t.expand(n)), alpha_bar[t], a_prev)[0]
-    return x.clamp(-1, 1)
+    return sample_eps_clipped(model, x, steps, cosine_alpha_bar())
 
 
 def test_real_pictures_are_close_to_real_ones_and_closer_with_more_of_them(judge, real_set):
