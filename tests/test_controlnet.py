@@ -12,7 +12,7 @@ import sd.cli.generate
 from sd.cli import main
 from sd.controlnet import ControlNet, ControlNetConfig, canny_control_image
 from sd.io.checkpoint import save_checkpoint
-from sd.io.controlnet import load_controlnet
+from sd.io.controlnet import load_controlnet, save_controlnet
 from sd.pipeline import StableDiffusion
 from tests.reference import randomize, reference_and_ours, rel_err
 from tests.test_editing_inputs import readme_messages
@@ -236,6 +236,24 @@ def test_an_sd2_controlnet_is_refused_by_family(tmp_path):
     ref.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"looks like an SD 2\.x checkpoint.*only SD v1\.x is supported"):
         load_controlnet(tmp_path)
+
+
+def test_a_controlnet_for_the_shipped_small_model_saves_loads_and_steers_it(tmp_path):
+    """The small model (3 levels, 1 block each, 4 heads, a 4x VAE): a ControlNet copied from its UNet, with a
+    two-halvings embedding, round-trips through save_controlnet with its head count, and steers generate."""
+    pipe = sd.load_checkpoint(device="cpu")
+    net = randomize(ControlNet.from_unet(pipe.unet, embedding_channels=(16, 32, 96)), 8)
+    path = save_controlnet(net, tmp_path / "shapes_controlnet.safetensors")
+    loaded = pipe.load_controlnet(path)
+    assert loaded.config == net.config and loaded.config.heads == pipe.unet.config.heads == 4
+    assert _same_weights(loaded, net)
+    edges = Image.new("RGB", (32, 32))
+    images = pipe.generate("a red circle", control_image=edges, num_inference_steps=2, seed=0, progress=False,
+                           output_type="pt")
+    pipe.unload_controlnets()
+    plain = pipe.generate("a red circle", num_inference_steps=2, seed=0, progress=False, output_type="pt")
+    assert images.shape == plain.shape == (1, 3, 32, 32)
+    assert (images - plain).abs().max() > 1e-3                     # the random ControlNet does steer
 
 
 def test_a_pickle_holding_code_is_refused(tmp_path):

@@ -8,6 +8,8 @@
   `control_model.zero_convs.{0..11}.0`, `control_model.middle_block_out.0`. ControlNet 1.0's files also hold the
   whole SD model they were trained with (`model.diffusion_model.*`, ...): skipped, the pipeline has its own.
 A weight that is missing, unexpected or of the wrong shape is a one-line error naming the key as the file spells it.
+`save_controlnet` writes one .safetensors file in diffusers' names, with what shapes cannot tell (the head count)
+in its metadata, as `save_checkpoint` does for the SD models.
 """
 from __future__ import annotations
 
@@ -23,11 +25,15 @@ from . import keys
 from .compvis import IGNORED_PREFIXES
 from .family import require_sd_v1
 from .infer import MissingWeight, prefix_count
-from .safe_read import read_tensors, unwrap_state_dict
+from .safe_read import read_tensors, save_safetensors, stored_configs, unwrap_state_dict
 from .weights import key_list, naming_the_file, renamed
 from ..config import UNetConfig
 from ..controlnet import ControlNet, ControlNetConfig
 
+# This package's metadata entry for a ControlNet's config (inside the `sd_config` JSON, beside 'unet', 'vae', 'clip').
+CONFIG_PART = "controlnet"
+# What a saved config contributes at load time: what the shapes cannot tell.
+NOT_IN_SHAPES = ("heads", "norm_groups", "sample_size")
 # Weight files of a diffusers ControlNetModel folder, in order of preference.
 CONTROLNET_WEIGHT_FILES = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"]
@@ -142,7 +148,10 @@ def load_controlnet(source, device: str | torch.device = "cpu", dtype: torch.dty
             raise ValueError(f"{path} is not a diffusers ControlNet folder: no weights (expected one of "
                              f"{', '.join(CONTROLNET_WEIGHT_FILES)})")
         path = found
-    raw = unwrap_state_dict(read_tensors(path)[0])
+    raw, metadata = read_tensors(path)
+    raw = unwrap_state_dict(raw)
+    saved = stored_configs(metadata, path).get(CONFIG_PART, {})
+    given = {**given, **{k: saved[k] for k in NOT_IN_SHAPES if k in saved}}
     with naming_the_file(path):
         state, file_key = _to_our_names(raw)
         try:
@@ -151,6 +160,15 @@ def load_controlnet(source, device: str | torch.device = "cpu", dtype: torch.dty
             raise ValueError(f"missing `{file_key(e.key)}` ({e.what}); is this an SD v1.x ControlNet?") from None
         net = _load_strict(ControlNet(config), state, file_key)
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def save_controlnet(net: ControlNet, path: str | Path) -> Path:
+    """Write a ControlNet as one .safetensors file in diffusers' names; its config rides in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {diffusers_controlnet_file_key(k): v for k, v in net.state_dict().items()}
+    save_safetensors(tensors, path, {CONFIG_PART: net.config.to_dict()})
+    return path
 
 
 def _to_our_names(raw: dict[str, torch.Tensor]):
