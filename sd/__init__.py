@@ -3,6 +3,7 @@ from .attention import SelfAttention
 from .io.checkpoint import load_checkpoint, save_checkpoint
 from .clip import CLIP
 from .config import CLIP_MAX_TOKENS, LATENT_SCALE, CLIPConfig, UNetConfig, VAEConfig
+from .controlnet import ControlNet
 from .cross_attention import CrossAttention
 from .decoder import VAE_Decoder
 from .diffusion import DiffusionScheduler

@@ -6,7 +6,7 @@ One name per range:
 - `UNIT`, [0, 1]: what `generate(output_type="pt")` returns and what matplotlib's imshow shows;
 - 8-bit, 0..255: PIL images and uint8 arrays, what files hold.
 
-Pictures given to the pipeline (`init_image`, `mask_image`, and the control images to come) follow one set of
+Pictures given to the pipeline (`init_image`, `mask_image`, `control_image`) follow one set of
 conventions, checked by `sd.validation.require_picture`: a PIL image (any mode; converted to RGB, a mask to
 greyscale); or a numpy array (H, W) or (H, W, 3), uint8 in 0..255 or float in [0, 1]. A mask may also be (H, W, 1),
 or bool (True = white = repaint); its three channels, if it has three, must be equal. Anything else (channels

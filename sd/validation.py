@@ -1,7 +1,7 @@
 """Input validation shared by the models and every API: one clear line about what was expected, before any work.
 
 The conventions every sampling or editing API follows (generate, inpaint, invert, interpolate, generate_with_loss;
-the ControlNet and LCM APIs to come), so that one mistake reads the same everywhere:
+ControlNet and the LCM sampler), so that one mistake reads the same everywhere:
 - step 0 of the function checks every argument with these functions, before any model runs or any state changes;
   an adapter checks its whole file too, then applies it (a refused call leaves the pipeline as it was);
 - the message is one line, "<name> must <rule>, got <type> <value>" (a hint in parentheses where one helps);
@@ -104,7 +104,7 @@ def require_image_like(x: torch.Tensor, name: str, channels: int, multiple: int,
 
 
 
-# --- the arguments every sampling API takes (generate, inpaint, invert, interpolate, and those to come) -----------
+# --- the arguments every sampling API takes (generate, inpaint, invert, interpolate, ControlNet) ------------------
 MAX_SEED = 2 ** 64 - 1        # torch.Generator.manual_seed takes 64-bit seeds
 
 
@@ -160,7 +160,7 @@ def require_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     return prompts, negatives
 
 
-# --- pictures given to the pipeline: init images, masks, (to come) control images ------------------------------
+# --- pictures given to the pipeline: init images, masks, control images -----------------------------------------
 # One set of rules for every one of them (README, "Refused input"):
 # - a PIL image (any mode: converted to RGB, or to greyscale "L" for a mask, as PIL and diffusers convert);
 # - a numpy array (H, W) (grey) or (H, W, 3) (RGB); a mask may also be (H, W, 1), and its 3 channels must be equal;
