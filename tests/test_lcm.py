@@ -24,7 +24,7 @@ SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_s
             set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon")
 SHAPE = (2, 4, 8, 8)
 CONTEXT_SHAPE = (2, 77, 16)
-TOL = 1e-5                  # float32: max abs difference of latents of size ~1
+TOL = 1e-6                  # float32: max abs difference relative to the largest value (the fake UNet's x0 reach ~100)
 PIXEL_TOL = 1e-4            # the decoded pictures, as tests/test_pipeline.py
 # The layers diffusers' LCM-LoRA script (examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py) adapts.
 LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -48,6 +48,10 @@ class FakeUNet:
 def contexts():
     g = torch.Generator().manual_seed(7)
     return torch.randn(CONTEXT_SHAPE, generator=g), torch.randn(CONTEXT_SHAPE, generator=g)
+
+
+def close(a, b):
+    return (a - b).abs().max() <= TOL * b.abs().max()
 
 
 def seeded(seed=42):
@@ -122,8 +126,8 @@ def test_lcm_run_matches_lcmscheduler_step_by_step_with_the_same_generator(n, gu
     timesteps, before, denoised, final = diffusers_lcm_run(n, FakeUNet(), context, uncond, guidance, seeded())
     assert [t for t, _, _ in steps] == timesteps.tolist()
     for (_, x, x0), x_ref, x0_ref in zip(steps, before, denoised):
-        assert (x - x_ref).abs().max() < TOL and (x0 - x0_ref).abs().max() < TOL
-    assert (ours - final).abs().max() < TOL
+        assert close(x, x_ref) and close(x0, x0_ref)
+    assert close(ours, final)
     # guidance 1 runs the conditional pass alone, as diffusers does; above 1, one batched pass of both
     assert unet.batches == [SHAPE[0] * (2 if guidance > 1 else 1)] * n
 
@@ -140,7 +144,7 @@ def test_lcm_keeps_c_skip_of_x_near_t0_as_lcmscheduler_does():
     x, g = x_T, seeded()
     for t in ref.timesteps:
         x = ref.step(unet(x, context, t), t, x, generator=g).prev_sample
-    assert (ours - x).abs().max() < TOL
+    assert close(ours, x)
     assert consistency_scalings(torch.tensor(1))[0].item() > 1e-3
 
 
