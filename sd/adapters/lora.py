@@ -2,8 +2,9 @@
 
 A (r x in) squeezes the input to r numbers, B (out x r) spreads them back; r is a few, the layer thousands wide,
 so the update has few parameters. B starts at zero: a freshly added LoRA changes nothing until it is trained.
-alpha / r keeps the update's size independent of the rank (the `--network_alpha` of kohya's trainer, PEFT's
-`lora_alpha`); `scale` is the user's dial on top (0: off, 1: as trained).
+The update is multiplied by alpha / r (the `--network_alpha` of kohya's trainer, PEFT's `lora_alpha`), which Hu et al.
+(2021, sec. 4.1) use so that the learning rate need not be retuned much when r changes (rsLoRA's alpha / sqrt(r) is
+what keeps the update's size steady across ranks); `scale` is the user's dial on top (0: off, 1: as trained).
 
 A `LoRALayer` wraps the layer it adapts (a Linear, or a Conv2d, whose A is a convolution of the same kernel and
 B a 1x1 one, as PEFT and kohya do). Injecting replaces the module by its wrapper; a second LoRA wraps the first
