@@ -1,4 +1,4 @@
-"""The schedule and the five samplers give diffusers' numbers, step by step, over whole runs.
+"""The schedule and the samplers give diffusers' numbers, step by step, over whole runs.
 
 Both sides are fed the same deterministic stand-in for the UNet (a fixed function of x, context and t),
 so every difference comes from the schedule or the update rule. diffusers' schedulers are configured
