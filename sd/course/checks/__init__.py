@@ -9,6 +9,7 @@ from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge
 from .common import pick, try_check
 from .diffusion import check_identify, check_predictions, check_shift_schedule
 from .editing import check_inpainting_loop, check_inversion_loop, check_slerp
+from .flow import check_flow_matching_loss, check_flow_sampler, check_velocity_to_x0_eps
 from .fine_tuning import check_lora_layer, check_textual_inversion_step, check_wrap_with_lora
 from .pipeline import check_cross_attention_maps, check_text_to_image
 from .pixel import check_ddpm_sampling, check_pixel_loss
@@ -52,4 +53,6 @@ __all__ = [
     "check_inpainting_loop", "check_inversion_loop", "check_slerp",
     # 12 fine-tuning
     "check_textual_inversion_step", "check_lora_layer", "check_wrap_with_lora",
+    # 13 flow matching
+    "check_flow_matching_loss", "check_flow_sampler", "check_velocity_to_x0_eps",
 ]
