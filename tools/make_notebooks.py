@@ -78,7 +78,7 @@ from pathlib import Path
 
 if "google.colab" in sys.modules:
     pip = [sys.executable, "-m", "pip", "install", "--quiet"]
-    subprocess.run(pip + ["{package}[course] @ git+{repository}@{branch}"], check=True)
+    subprocess.run(pip + ["{package}[colab] @ git+{repository}@{branch}"], check=True)
     importlib.invalidate_caches()
 elif importlib.util.find_spec("sd") is None and Path("../sd/__init__.py").exists():
     sys.path.insert(0, str(Path("..").resolve()))   # a clone without `pip install -e .`: use its sd/
