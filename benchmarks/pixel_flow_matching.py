@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sd.flow_matching import flow_matching_loss
+from sd.course.checks.pixel import reference_ddpm_sample
 from sd.pixel_unet import IMAGE_SIZE, TinyUNet, cosine_alpha_bar, load_pixel_unet, sample_eps_clipped
 from sd.training.data import ShapesDataset
 from sd.training.evaluation import confident_share, judge_features, load_classifier
@@ -38,6 +39,8 @@ WEIGHT_FILES = {"eps": "pixel_eps_unet.safetensors", "flow": "pixel_flow_unet.sa
 
 
 ALPHA_BAR = cosine_alpha_bar()
+BETAS = 1 - ALPHA_BAR / torch.cat([torch.ones(1), ALPHA_BAR[:-1]])    # beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}
+DDPM_STEPS = 100                                                       # notebook 04's sampling run
 
 
 def eps_loss(model, x0, generator):
@@ -156,6 +159,12 @@ def main(argv=None) -> None:
                 fd = frechet_distance(judge_features(judge, drawn), real)
                 cells.append(f"{fd:6.0f} ({confident_share(judge, drawn):.2f})")
             print(f"{name:>9} {seed:4d}  {'':23}{'  '.join(cells)}   {trained}", flush=True)
+            if name == "eps":      # for scale: notebook 04's own sampler, stochastic DDPM in 100 steps
+                drawn = reference_ddpm_sample(model, noise, torch.linspace(T - 1, 0, DDPM_STEPS).round().long(),
+                                              BETAS, torch.Generator().manual_seed(2000 + seed)).clamp(-1, 1)
+                print(f"{'':>9} {'':4}  eps with notebook 04's DDPM sampler, {DDPM_STEPS} steps: FD "
+                      f"{frechet_distance(judge_features(judge, drawn), real):.0f} "
+                      f"({confident_share(judge, drawn):.2f})", flush=True)
 
 
 if __name__ == "__main__":

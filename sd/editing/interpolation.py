@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..images import to_pil
-from ..samplers import SAMPLERS, randn
+from ..samplers import SAMPLERS, randn, require_sampler
 from ..validation import require_choice, require_int, require_scale, require_steps, require_text
 from .loop import seeded_generator
 
@@ -48,7 +48,7 @@ def interpolate(pipe, prompt_a: str, prompt_b: str, num_frames: int = 5, *, seed
     num_frames = require_int(num_frames, "num_frames", 2)       # the two ends included
     num_inference_steps = require_steps(num_inference_steps, pipe.scheduler.num_train_timesteps)
     guidance_scale = require_scale(guidance_scale, "guidance_scale", low=0.0)
-    sampler = require_choice(sampler, "sampler", SAMPLERS)
+    sampler = require_sampler(require_choice(sampler, "sampler", SAMPLERS), num_inference_steps)
     output_type = require_choice(output_type, "output_type", ("pil", "pt"))
     generators = [seeded_generator(seed_a, "seed_a"), seeded_generator(seed_b, "seed_b")]
     height, width = height or pipe.native_size, width or pipe.native_size
