@@ -56,6 +56,7 @@ def flow_loss(model, x0, generator):
     return flow_matching_loss(lambda x, t: model(x, T * t), x0, generator, density="logit_normal")
 
 
+# Copied from benchmarks/pixel_min_snr.train (notebook 04's loop), on the package's TinyUNet and a loss without betas.
 def train(loss_fn, images, steps: int, seed: int) -> TinyUNet:
     """`steps` AdamW steps from seed's initial weights on seed's order of pictures; returns the EMA weights."""
     torch.manual_seed(seed)
