@@ -15,13 +15,14 @@ printed for scale.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.pixel_min_snr import BATCH, EMA_DECAY, LR
+from benchmarks.pixel_min_snr import train as train_like_notebook_04
 from sd.flow_matching import flow_matching_loss
 from sd.course.checks.pixel import reference_ddpm_sample
 from sd.pixel_unet import IMAGE_SIZE, TinyUNet, cosine_alpha_bar, load_pixel_unet, sample_eps_clipped
@@ -29,9 +30,8 @@ from sd.training.data import ShapesDataset
 from sd.training.evaluation import confident_share, judge_features, load_classifier
 from sd.training.frechet import frechet_distance
 
-# notebook 04's schedule and training settings
+# notebook 04's schedule (its training settings come with benchmarks.pixel_min_snr.train)
 T = 1000
-BATCH, LR, EMA_DECAY = 64, 3e-3, 0.99
 STEP_COUNTS = (1, 2, 4, 8, 16, 32)
 SAMPLES = 192
 ASSETS = Path(__file__).resolve().parent.parent / "sd" / "assets"
@@ -56,24 +56,11 @@ def flow_loss(model, x0, generator):
     return flow_matching_loss(lambda x, t: model(x, T * t), x0, generator, density="logit_normal")
 
 
-# Copied from benchmarks/pixel_min_snr.train (notebook 04's loop), on the package's TinyUNet and a loss without betas.
 def train(loss_fn, images, steps: int, seed: int) -> TinyUNet:
-    """`steps` AdamW steps from seed's initial weights on seed's order of pictures; returns the EMA weights."""
-    torch.manual_seed(seed)
-    model = TinyUNet()
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x0 = images[torch.randint(0, len(images), (BATCH,), generator=generator)]
-        loss = loss_fn(model, x0, generator)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - EMA_DECAY)
-    return ema.eval()
+    """`steps` AdamW steps from seed's initial weights on seed's order of pictures; returns the EMA weights.
+    The min-SNR benchmark's loop (notebook 04's), on the package's TinyUNet and a loss that takes no betas."""
+    return train_like_notebook_04({"TinyUNet": TinyUNet}, images, None,
+                                  lambda model, x0, _betas, generator: loss_fn(model, x0, generator), steps, seed)
 
 
 @torch.no_grad()
