@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...flow_matching import flow_matching_loss, sample_flow_euler
-from .common import Case, Mistake, _unknown_mistake, check_function, randn, seeded
+from .common import Case, Mistake, _kind, _unknown_mistake, check_function, randn, seeded
 
 # The 2D points of the notebook: (B, 2); a small model is enough to see the gradients.
 POINT_DIM = 2
@@ -102,7 +102,7 @@ def _require_loss_behaviour(fn, exercise: str) -> None:
     loss = fn(model, x0, torch.Generator().manual_seed(5))
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise AssertionError(f"check_flow_matching_loss: the loss should be a single number (a 0-dimensional "
-                             f"tensor), got {_what(loss)}" + _unknown_mistake(exercise))
+                             f"tensor), got {_kind(loss)}" + _unknown_mistake(exercise))
     if not loss.requires_grad:
         raise AssertionError("check_flow_matching_loss: the loss carries no gradient back to the model: compute it "
                              "from the model's output, without detaching it or leaving the autograd graph"
@@ -231,10 +231,4 @@ def check_velocity_to_x0_eps(fn) -> bool:
     return check_function("check_velocity_to_x0_eps", fn, reference_velocity_to_x0_eps, cases, mistakes,
                           exercise="13.3", hint="two equations, two unknowns: the path and its velocity",
                           reference_name="the straight path solved for the data and the noise")
-
-
-def _what(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
