@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, fields
 #   https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/
 # [CLIP_VIT_L14_CONFIG] the text encoder (OpenAI's ViT-L/14 text tower), open_clip's model config:
 #   https://github.com/mlfoundations/open_clip/blob/89fb801f1e6087880e951fc8354b8a2077b79c6d/src/open_clip/model_configs/ViT-L-14.json
+# [SD3_CONFIG] SD3 Medium's transformer config (diffusers layout):
+#   https://huggingface.co/stabilityai/stable-diffusion-3-medium-diffusers/blob/main/transformer/config.json
 # [CLIP_CODE] open_clip's model code at the same commit (the MLP ratio):
 #   https://github.com/mlfoundations/open_clip/blob/89fb801f1e6087880e951fc8354b8a2077b79c6d/src/open_clip/model.py
 
@@ -110,3 +112,28 @@ class UNetConfig(_Config):
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_channels) - 1)
+
+
+@dataclass(frozen=True)
+class MMDiTConfig(_Config):
+    """A multimodal diffusion transformer (SD3's MMDiT, sd/mmdit.py). The defaults are SD3 Medium's widths; the
+    latent channels and the text width are SD v1's (SD3's VAE has 16 channels and its text is 4096 wide)."""
+    in_channels: int = 4            # latent channels (SD3: 16, `in_channels` in [SD3_CONFIG])
+    out_channels: int = 4           # the velocity has the latent's shape
+    patch_size: int = 2             # 2 x 2 latent pixels per token (`patch_size: 2`, [SD3_CONFIG])
+    width: int = 1536               # token width: 24 heads of 64 (`num_attention_heads: 24`, `attention_head_dim: 64`)
+    depth: int = 24                 # MMDiT blocks (`num_layers: 24`, [SD3_CONFIG])
+    heads: int = 24
+    mlp_ratio: float = 4.0          # MLP hidden width / token width (SD3 and DiT use 4)
+    context_dim: int = 768          # width of the text states (CLIP's output; SD3's joint text is 4096 wide)
+    sample_size: int = 64           # the latent side it is trained at (SD3 Medium: 128)
+    shift: float = 1.0              # SD3's time shift for sampling (sd/flow_matching.py; SD3 at 1024 px uses 3.0)
+
+    @classmethod
+    def tiny(cls) -> "MMDiTConfig":
+        return cls(width=64, depth=2, heads=2, context_dim=CLIPConfig.tiny().width, sample_size=8)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Latent pixels per token, per side: the latent's sides must be multiples of it."""
+        return self.patch_size

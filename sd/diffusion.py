@@ -29,6 +29,8 @@ __all__ = ["DiffusionScheduler", "SAMPLERS"]
 class DiffusionScheduler:
     """SD v1's noise schedule (1000 steps, scaled-linear betas, epsilon prediction) and its samplers."""
 
+    default_sampler = "ddim"        # what StableDiffusion.generate runs when no sampler is named
+
     def __init__(self, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
                  beta_start: float = BETA_START, beta_end: float = BETA_END):
         self.num_train_timesteps = num_train_timesteps

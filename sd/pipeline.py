@@ -18,6 +18,8 @@ from .cross_attention import CrossAttention
 from .adapters import lora, lora_files, textual_inversion
 from .controlnet import ControlledUNet, ControlNet, control_tensor, controlnet_fits, require_control
 from .diffusion import DiffusionScheduler
+from .flow_scheduler import FlowScheduler
+from .mmdit import MMDiT
 from .editing import inpaint as inpainting
 from .editing import inversion
 from .io import controlnet as controlnet_io
@@ -34,14 +36,19 @@ LARGE_GUIDANCE = 30.0         # beyond the guidance scales people use (SD's defa
 
 
 class StableDiffusion:
-    """What `sd.load_checkpoint` returns: the seed's four models plus the tokenizer and the noise scheduler."""
+    """What `sd.load_checkpoint` returns: the seed's four models plus the tokenizer and the noise scheduler.
+
+    `unet` is the denoiser: SD's UNet (noise prediction, DiffusionScheduler), or a transformer of sd/mmdit.py
+    (velocity prediction, FlowScheduler); the scheduler that fits it is picked unless one is given.
+    """
 
     def __init__(self, clip: nn.Module, encoder: nn.Module, decoder: nn.Module, unet: nn.Module,
-                 tokenizer=None, scheduler: DiffusionScheduler | None = None,
+                 tokenizer=None, scheduler: DiffusionScheduler | FlowScheduler | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.clip, self.encoder, self.decoder, self.unet = clip, encoder, decoder, unet
         self.tokenizer = tokenizer
-        self.scheduler = scheduler or DiffusionScheduler()
+        self.scheduler = scheduler or (FlowScheduler(unet.config.shift) if isinstance(unet, MMDiT)
+                                       else DiffusionScheduler())
         self.device, self.dtype = torch.device(device), dtype
         # memory and speed options, each one flag (see the enable_* methods)
         self.vae_slicing = False
@@ -103,6 +110,23 @@ class StableDiffusion:
     def models(self) -> dict[str, nn.Module]:
         return {"clip": self.clip, "encoder": self.encoder, "decoder": self.decoder, "unet": self.unet}
 
+    # --- the denoiser ----------------------------------------------------------------------------------------------
+    @property
+    def is_flow(self) -> bool:
+        """True when the denoiser predicts the flow's velocity (the transformer of sd/mmdit.py)."""
+        return isinstance(self.scheduler, FlowScheduler)
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler `generate` uses when none is named: DDIM for SD's UNet, Euler for a flow model."""
+        return self.scheduler.default_sampler
+
+    def _require_unet(self, what: str) -> None:
+        """Features built on SD's UNet and noise schedule refuse a flow transformer in one line."""
+        if self.is_flow:
+            raise ValueError(f"{what} works with SD's noise-predicting UNet; this model's denoiser is a flow-matching "
+                             "transformer (sd/mmdit.py)")
+
     # --- sizes ---------------------------------------------------------------------------------------------------
     @property
     def vae_factor(self) -> int:
@@ -123,9 +147,11 @@ class StableDiffusion:
         m = self.size_multiple
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % m:
             hint = f"; the nearest sizes that work are {nearest_multiples(value, m)}" if isinstance(value, int) and value > 0 else ""
+            p = self.unet.config.downsample_factor
+            denoiser = (f"the transformer cuts the latent into {p}x{p} patches" if self.is_flow else
+                        f"the UNet halves the latent {len(self.unet.config.block_channels) - 1} times")
             raise ValueError(f"{name} must be a positive multiple of {m} (the VAE shrinks {self.vae_factor}x and "
-                             f"the UNet halves the latent {len(self.unet.config.block_channels) - 1} "
-                             f"times), got {value!r}{hint}")
+                             f"{denoiser}), got {value!r}{hint}")
 
     # --- the pieces ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -161,7 +187,7 @@ class StableDiffusion:
     @torch.no_grad()
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, sampler: str = "ddim", seed: int | list[int] | None = None,
+                 guidance_scale: float = 7.5, sampler: str | None = None, seed: int | list[int] | None = None,
                  latents: torch.Tensor | None = None, init_image=None, strength: float = 0.8,
                  num_images: int = 1, eta: float = 0.0, callback: Callable | None = None,
                  progress: bool = True, output_type: str = "pil", mask_image=None, control_image=None,
@@ -169,6 +195,7 @@ class StableDiffusion:
                  control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0):
         """Text (and optionally an init image) -> a list of PIL images (output_type="pt": a (B, 3, H, W) tensor in [0, 1]).
 
+        sampler: None picks the model's own (`default_sampler`: "ddim" for SD's UNet, "euler" for a flow transformer).
         seed: None (random), one int, or a list of ints, one per image (len(prompts) * num_images of them). With one
         int, image 0 of a batch equals the single run with that seed and the others follow from the same generator;
         with a list, image i equals the single run with seed[i] (as diffusers does with a list of generators).
@@ -179,6 +206,11 @@ class StableDiffusion:
         residuals are scaled by controlnet_conditioning_scale and act from control_guidance_start to
         control_guidance_end, fractions of the steps (one value, or a list of one per ControlNet).
         """
+        sampler = self.default_sampler if sampler is None else sampler
+        if control_image is not None:
+            self._require_unet("control_image (ControlNet)")
+        if mask_image is not None:
+            self._require_unet("inpainting (mask_image)")
         if control_image is not None and (init_image is not None or mask_image is not None):
             raise ValueError("control_image works with text to image only, not with init_image or mask_image")
         if mask_image is not None:
@@ -196,9 +228,11 @@ class StableDiffusion:
         prompts, negatives = require_prompts(prompt, negative_prompt)
         num_images = require_int(num_images, "num_images", 1)
         num_inference_steps = require_steps(num_inference_steps, self.scheduler.num_train_timesteps)
-        sampler = require_sampler(sampler, num_inference_steps)          # and its own limit (LCM: 50 steps)
+        sampler = self._require_sampler(sampler, num_inference_steps)
         guidance_scale = require_scale(guidance_scale, "guidance_scale", low=0.0)
         eta = require_number(eta, "eta", low=0.0, high=1.0)
+        if eta and sampler != "ddim":
+            raise ValueError(f"eta applies to sampler='ddim' only, got eta={eta} with sampler={sampler!r}")
         strength = require_strength(strength)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -276,6 +310,14 @@ class StableDiffusion:
             raise FloatingPointError(f"the decoded images are NaN or infinite: {self._likely_cause(guidance_scale)}")
         return images if output_type == "pt" else to_pil(images)
 
+    def _require_sampler(self, sampler: str | None, num_inference_steps: int) -> str:
+        """The sampler to run: the model's own when None; one that fits the model, within its own step limit."""
+        if sampler is None:
+            return self.default_sampler
+        if self.is_flow:
+            return self.scheduler.require_sampler(sampler)
+        return require_sampler(sampler, num_inference_steps)              # and its own limit (LCM: 50 steps)
+
     @staticmethod
     def _generators(seed, batch: int) -> list[torch.Generator]:
         """One CPU generator per image for a list of seeds; one shared generator for a single seed (or None)."""
@@ -294,6 +336,7 @@ class StableDiffusion:
     # --- adapters and editing: the logic lives in sd/adapters/ and sd/editing/ ---------------------------------
     def load_lora_weights(self, path, scale: float = 1.0) -> dict[str, int]:
         """Add a LoRA file (diffusers/PEFT or kohya layout) to the UNet and text encoder; returns layers per model."""
+        self._require_unet("a LoRA file for SD v1.x")
         return lora_files.load_lora_weights(self, path, scale)
 
     def save_lora_weights(self, path):
@@ -313,6 +356,7 @@ class StableDiffusion:
     def load_controlnet(self, path) -> ControlNet:
         """Add a ControlNet: a diffusers ControlNetModel folder or file, or an original ControlNet 1.0/1.1 .pth or
         .safetensors file (sd/io/controlnet.py). Several may be loaded; generate then takes one control image each."""
+        self._require_unet("a ControlNet")
         net = controlnet_io.load_controlnet(path, device="cpu" if self.cpu_offload else self.device, dtype=self.dtype)
         why = controlnet_fits(net, self.unet) or (
             f"it takes control images {net.config.hint_factor}x the latent's side, the VAE's factor is "
@@ -332,10 +376,12 @@ class StableDiffusion:
 
     def invert(self, image, prompt: str = "", num_inference_steps: int = 50, guidance_scale: float = 1.0, **kwargs):
         """DDIM inversion: the noise x_T from which generate(prompt, latents=x_T, sampler="ddim") redraws the image."""
+        self._require_unet("DDIM inversion")
         return inversion.invert(self, image, prompt, num_inference_steps, guidance_scale, **kwargs)
 
     def inpaint(self, prompt, init_image, mask_image, negative_prompt="", **kwargs):
         """Repaint the white part of mask_image in init_image (latent blending, sd/editing/inpaint.py)."""
+        self._require_unet("inpainting")
         return inpainting.inpaint(self, prompt, init_image, mask_image, negative_prompt, **kwargs)
 
     def _likely_cause(self, guidance_scale: float) -> str:

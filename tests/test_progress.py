@@ -87,8 +87,8 @@ def test_evaluation_says_each_run_on_stderr_and_keeps_stdout_for_the_report(show
         model, num_inference_steps=2, per_prompt=1, generate_defaults=False, progress=True))
     assert stdout == ""
     assert "the attribute classifier on 2,000 real images" in stderr
-    assert "run 1 of 2, prompt accuracy guided: 2 images, scale 5, 2 DDIM steps" in stderr
-    assert "run 2 of 2, prompt accuracy unguided: 2 images, scale 1, 2 DDIM steps" in stderr
+    assert "run 1 of 2, prompt accuracy guided: 2 images, scale 5, 2 ddim steps" in stderr
+    assert "run 2 of 2, prompt accuracy unguided: 2 images, scale 1, 2 ddim steps" in stderr
     assert "sampling (ddim)" in stderr and "2/2" in stderr          # the sampler's bar, to its last step
     assert "VAE reconstruction PSNR on 512 images" in stderr
     assert report["guided"]["images"] == 2 and torch.isfinite(torch.tensor(report["vae_psnr_db"]))

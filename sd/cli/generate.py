@@ -21,9 +21,10 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt: what to steer away from")
     p.add_argument("--steps", type=positive_int, default=50,
                    help=f"denoising steps, 1..1000, 1..{LCM_ORIGINAL_STEPS} with lcm (default 50)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="sampler (default ddim); lcm: 2 to 8 steps at --cfg 1 to 2, for weights with an "
-                        "LCM-LoRA fused in (README, 'Pictures in 4 steps')")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="sampler (default: the model's own, ddim for SD's UNet, euler for a flow transformer); "
+                        "lcm: 2 to 8 steps at --cfg 1 to 2, for weights with an LCM-LoRA fused in (README, "
+                        "'Pictures in 4 steps')")
     p.add_argument("--cfg", type=float, default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale; <= 1 turns guidance off (default 7.5)")
     p.add_argument("--seed", type=random_seed, default=None,
@@ -96,17 +97,19 @@ def _save(images: list[Image.Image], out: Path) -> list[Path]:
 
 
 def _generate_and_save(args, **inputs) -> None:
-    require_sampler(args.sampler, args.steps)          # the sampler's own step limit, before the model loads
+    if args.sampler is not None:
+        require_sampler(args.sampler, args.steps)      # the sampler's own step limit, before the model loads
     pipe = _load(args)
+    sampler = args.sampler or pipe.default_sampler
     steps_run = []            # counted as they run: image to image runs only the last `strength` of the steps
     start = time.perf_counter()
     images = pipe.generate(args.prompt, args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                           sampler=args.sampler, seed=args.seed, num_images=args.num_images,
+                           sampler=sampler, seed=args.seed, num_images=args.num_images,
                            callback=lambda step, *state: steps_run.append(step), **inputs)
     seconds = time.perf_counter() - start
-    steps = f"{len(steps_run)} {args.sampler} steps"
+    steps = f"{len(steps_run)} {sampler} steps"
     if len(steps_run) != args.steps:
-        steps = f"{len(steps_run)} of {args.steps} {args.sampler} steps (strength {args.strength:g})"
+        steps = f"{len(steps_run)} of {args.steps} {sampler} steps (strength {args.strength:g})"
     for path in _save(images, args.out):
         print(f"saved {path} ({images[0].size[0]}x{images[0].size[1]}, {steps}, cfg {args.cfg}, {seconds:.1f} s)")
 

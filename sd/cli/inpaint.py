@@ -41,12 +41,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run_inpaint(args) -> None:
     image, mask = _open(args.input, "input image"), _open(args.mask, "mask")
     pipe = _load(args)
+    sampler = args.sampler or pipe.default_sampler
     start = time.perf_counter()
     images = pipe.inpaint(args.prompt, image, mask, args.negative, height=args.size, width=args.size,
-                          num_inference_steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
+                          num_inference_steps=args.steps, guidance_scale=args.cfg, sampler=sampler,
                           strength=args.strength, seed=args.seed, num_images=args.num_images,
                           keep_original_pixels=args.keep_original_pixels)
     seconds = time.perf_counter() - start
     for path in _save(images, args.out):
-        print(f"saved {path} ({images[0].size[0]}x{images[0].size[1]}, inpainted, {args.steps} {args.sampler} steps, "
+        print(f"saved {path} ({images[0].size[0]}x{images[0].size[1]}, inpainted, {args.steps} {sampler} steps, "
               f"cfg {args.cfg}, {seconds:.1f} s)")

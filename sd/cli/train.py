@@ -1,4 +1,5 @@
-"""`python -m sd train <stage>`: train the VAE, the text encoder and the UNet on the shapes dataset.
+"""`python -m sd train <stage>`: train the VAE, the text encoder and the UNet on the shapes dataset; or the
+transformer (`mmdit`, SD3's denoiser in miniature) on a finished model's VAE and text encoder.
 
 Data-parallel: `torchrun --nproc_per_node 2 -m sd train all ...` (any torchrun launch works the same).
 Ctrl-C or SIGTERM saves a checkpoint of the current step first; `--resume` continues from it.
@@ -15,13 +16,16 @@ from ..training.distributed import close_distributed, init_distributed
 from ..training.interrupt import sigterm_raises
 from ..training.loop import TrainOptions
 from ..training.presets import PRESETS
-from ..training.stages import BATCH_SIZES, BUDGET_SHARE, DEFAULT_DATASET_SIZE, STAGES, make_dataset, train_all, \
-    train_stage
+from ..io.checkpoint import DEFAULT_MODEL
+from ..training.stages import ALL_STAGES, BATCH_SIZES, BUDGET_SHARE, DEFAULT_DATASET_SIZE, STAGES, make_dataset, \
+    train_all, train_stage
 from .arguments import add_device_option, positive_float, positive_int, random_seed
 
 # The command that made the shipped model (README); `python -m sd train all` with no options repeats it, and a
 # single stage with no options trains for its share of it (vae 14.4, text 2.4, unet 31.2 minutes).
 DEFAULT_MINUTES = 48.0
+# The transformer's budget without --minutes or --steps: the shipped transformer's (README).
+DEFAULT_MMDIT_MINUTES = 30.0
 DEFAULT_IMAGE_SIZE = 32
 # Losses averaged for the "final_loss" figure: one step's loss is noisy.
 FINAL_LOSS_STEPS = 20
@@ -29,13 +33,20 @@ FINAL_LOSS_STEPS = 20
 
 def add_parser(sub) -> None:
     """Add `train` to the subcommands."""
-    p = sub.add_parser("train", help="train the VAE, text encoder and UNet on the shapes dataset",
+    p = sub.add_parser("train", help="train the VAE, text encoder and UNet (or a transformer) on the shapes dataset",
                        description="Train SD's models on captioned shapes drawn by code (no download). "
                                    "Stages run in order: vae, text, unet; 'all' runs the three. By default "
                                    f"'all' takes {DEFAULT_MINUTES:g} minutes (the shipped model's recipe) and a "
                                    f"stage its share: {default_minutes_text()}; --minutes or --steps make it "
-                                   "shorter (e.g. --minutes 2). A progress bar shows the time spent and left.")
-    p.add_argument("stage", choices=(*STAGES, "all"), help="which model to train ('all': the three in order)")
+                                   "shorter (e.g. --minutes 2). A progress bar shows the time spent and left. "
+                                   "'mmdit' trains SD3's transformer in miniature with rectified flow on the frozen "
+                                   f"VAE and text encoder of --base (default the shipped model), "
+                                   f"{DEFAULT_MMDIT_MINUTES:g} minutes by default.")
+    p.add_argument("stage", choices=(*ALL_STAGES, "all"),
+                   help="which model to train ('all': vae, text and unet in order; mmdit: the transformer)")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="unet and mmdit: take the frozen VAE and text encoder from this model file instead of the "
+                        "vae and text checkpoints in --out (mmdit's default: the shipped model)")
     p.add_argument("--out", default="runs/shapes", metavar="DIR",
                    help="folder for checkpoints, loss plots and model.safetensors (default runs/shapes)")
     p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (per stage)")
@@ -69,6 +80,8 @@ def add_parser(sub) -> None:
 
 def default_minutes(stage: str) -> float:
     """The time budget of `train <stage>` without --minutes or --steps: the recipe's, or the stage's share of it."""
+    if stage == "mmdit":
+        return DEFAULT_MMDIT_MINUTES
     return DEFAULT_MINUTES if stage == "all" else DEFAULT_MINUTES * BUDGET_SHARE[stage]
 
 
@@ -90,6 +103,10 @@ def stage_figures(run: dict) -> dict:
 def run_train(args) -> None:
     """Handler of `train`: one stage or all, with a step and/or time budget."""
     # 1. every option is checked before a process group starts or the dataset is drawn
+    if args.base is not None and args.stage not in ("unet", "mmdit"):
+        raise ValueError(f"--base gives the unet and mmdit stages a finished model's VAE and text encoder; "
+                         f"the {args.stage} stage does not take it")
+    base = args.base or (DEFAULT_MODEL if args.stage == "mmdit" else None)
     minutes = args.minutes if (args.minutes or args.steps) else default_minutes(args.stage)
     opts = TrainOptions(out_dir=args.out, steps=args.steps, minutes=minutes, batch_size=args.batch_size,
                         lr=args.lr, seed=args.seed, resume=args.resume, device=args.device,
@@ -113,9 +130,9 @@ def run_train(args) -> None:
                 train_all(opts, args.preset, args.image_size, args.dataset_size, report=report)
             else:
                 dataset = make_dataset(args.image_size, args.dataset_size, args.seed, progress=opts.progress and rank == 0)
-                report(args.stage, train_stage(args.stage, opts, args.preset, dataset, args.image_size))
+                report(args.stage, train_stage(args.stage, opts, args.preset, dataset, args.image_size, base))
     finally:
         close_distributed()
     if rank == 0:
         print(f"done in {(time.time() - start) / 60:.1f} min; outputs in {args.out}/"
-              + (" (model.safetensors loads with sd.load_checkpoint)" if args.stage in ("unet", "all") else ""))
+              + (" (model.safetensors loads with sd.load_checkpoint)" if args.stage in ("unet", "mmdit", "all") else ""))

@@ -18,10 +18,12 @@ from .diffusers import read_diffusers_folder
 from .family import require_sd_v1, require_text_to_image
 from .infer import MissingWeight, infer_clip_config, infer_unet_config, infer_vae_config
 from .safe_read import TOKENIZER_METADATA_KEY, read_tensors, save_safetensors, stored_configs, unwrap_state_dict
-from .weights import IN_MEMORY, PARTS, KeyNaming, Weights, key_list, naming_the_file
+from .weights import IN_MEMORY, OWN_PARTS, PARTS, TRANSFORMER, KeyNaming, Weights, key_list, naming_the_file
 from ..clip import CLIP
 from ..decoder import VAE_Decoder
+from ..config import MMDiTConfig
 from ..encoder import VAE_Encoder
+from ..mmdit import MMDiT
 from ..pipeline import StableDiffusion
 from ..tokenizer import CLIPTokenizer
 from ..unet import DiffusionUNET
@@ -68,13 +70,31 @@ def _config(part: str, infer, parts: dict, configs: dict, naming: KeyNaming):
         raise type(e)(f"{naming.file(part)}: {e}") from None
 
 
-def build_models(parts: dict[str, dict[str, torch.Tensor]], configs: dict | None = None,
-                 naming: KeyNaming | None = None) -> dict[str, nn.Module]:
-    """Our-named state dicts -> CLIP, VAE encoder/decoder and UNet with the weights loaded."""
-    configs, naming = configs or {}, naming or KeyNaming()
+def build_denoiser(parts: dict[str, dict[str, torch.Tensor]], configs: dict, naming: KeyNaming) -> nn.Module:
+    """The UNet, or, in this package's own files, the transformer that takes its place; weights loaded."""
+    if parts.get(TRANSFORMER):
+        where = naming.file(TRANSFORMER)
+        if TRANSFORMER not in configs:
+            raise ValueError(f"{where}: it holds `{TRANSFORMER}.*` weights but no transformer config in its metadata; "
+                             "save the model with sd.save_checkpoint")
+        with naming_the_file(where):
+            config = MMDiTConfig.from_dict(configs[TRANSFORMER])
+        if parts.get("unet"):
+            raise ValueError(f"{where}: it holds both a UNet and a transformer; a model has one denoiser")
+        return load_into(MMDiT(config), parts[TRANSFORMER], "transformer", where,
+                         lambda k: f"{TRANSFORMER}.{k}")
     unet_cfg = _config("unet", infer_unet_config, parts, configs, naming)
     with naming_the_file(naming.file("unet")):
         require_text_to_image(unet_cfg.in_channels, unet_cfg.out_channels)
+    return load_into(DiffusionUNET(unet_cfg), parts["unet"], "UNet", naming.file("unet"),
+                     lambda k: naming.file_key("unet", k))
+
+
+def build_models(parts: dict[str, dict[str, torch.Tensor]], configs: dict | None = None,
+                 naming: KeyNaming | None = None) -> dict[str, nn.Module]:
+    """Our-named state dicts -> CLIP, VAE encoder/decoder and UNet (or transformer) with the weights loaded."""
+    configs, naming = configs or {}, naming or KeyNaming()
+    unet = build_denoiser(parts, configs, naming)
     vae_cfg = _config("vae", infer_vae_config, parts, configs, naming)
     clip_cfg = _config("clip", infer_clip_config, parts, configs, naming)
     vae = parts["vae"]
@@ -95,8 +115,7 @@ def build_models(parts: dict[str, dict[str, torch.Tensor]], configs: dict | None
                              vae_key("encoder", ENCODER_EXTRA)),
         "decoder": load_into(VAE_Decoder(vae_cfg), dec_state, "VAE decoder", naming.file("vae"),
                              vae_key("decoder", DECODER_EXTRA)),
-        "unet": load_into(DiffusionUNET(unet_cfg), parts["unet"], "UNet", naming.file("unet"),
-                          lambda k: naming.file_key("unet", k)),
+        "unet": unet,
     }
 
 
@@ -121,15 +140,15 @@ def read_source(source) -> Weights:
     raw = unwrap_state_dict(raw)
     with naming_the_file(path):
         require_sd_v1(raw)
-        if not any(k.startswith(tuple(p + "." for p in PARTS)) for k in raw):
+        if not any(k.startswith(tuple(p + "." for p in OWN_PARTS)) for k in raw):
             return split_compvis(raw, str(path))
     return _read_own_format(path, raw, metadata)
 
 
 def _read_own_format(path: Path, raw: dict[str, torch.Tensor], metadata: dict[str, str]) -> Weights:
     """This package's own file: `unet.*`, `vae.*`, `clip.*` in our names; configs and tokenizer folder in metadata."""
-    parts = {p: {k[len(p) + 1:]: v for k, v in raw.items() if k.startswith(p + ".")} for p in PARTS}
-    naming = KeyNaming(files=dict.fromkeys(PARTS, str(path)))   # the file's keys are ours, with the part in front
+    parts = {p: {k[len(p) + 1:]: v for k, v in raw.items() if k.startswith(p + ".")} for p in OWN_PARTS}
+    naming = KeyNaming(files=dict.fromkeys(OWN_PARTS, str(path)))   # the file's keys are ours, with the part in front
     tokenizer = tokenizer_folder(path)
     saved_as = metadata.get(TOKENIZER_METADATA_KEY)   # the folder's name when the file was saved
     if saved_as is not None and not tokenizer.is_dir():
@@ -181,18 +200,20 @@ def save_checkpoint(path: str | Path, clip: nn.Module, encoder: nn.Module, decod
                     tokenizer=None) -> Path:
     """Save the four models in this package's own format: one safetensors file, configs in its metadata.
 
-    Keys are `clip.*`, `vae.encoder.*` / `vae.decoder.*` (plus `vae.quant_conv`, `vae.post_quant_conv`), `unet.*`;
+    Keys are `clip.*`, `vae.encoder.*` / `vae.decoder.*` (plus `vae.quant_conv`, `vae.post_quant_conv`), `unet.*`
+    (or `transformer.*` when `unet` is the transformer of sd/mmdit.py);
     a tokenizer, if given, goes to the folder `<name>_tokenizer/` beside the file, and the file records its name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"clip.{k}": v for k, v in clip.state_dict().items()}
-    tensors.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
+    denoiser = TRANSFORMER if isinstance(unet, MMDiT) else "unet"
+    tensors.update({f"{denoiser}.{k}": v for k, v in unet.state_dict().items()})
     for k, v in encoder.state_dict().items():
         tensors[f"vae.{k}" if k.startswith(ENCODER_EXTRA) else f"vae.encoder.{k}"] = v
     for k, v in decoder.state_dict().items():
         tensors[f"vae.{k}" if k.startswith(DECODER_EXTRA) else f"vae.decoder.{k}"] = v
-    configs = {"clip": clip.config.to_dict(), "vae": encoder.config.to_dict(), "unet": unet.config.to_dict()}
+    configs = {"clip": clip.config.to_dict(), "vae": encoder.config.to_dict(), denoiser: unet.config.to_dict()}
     folder = tokenizer_folder(path) if tokenizer is not None else None
     if folder is not None:
         tokenizer.save(folder)

@@ -13,6 +13,9 @@ from typing import Callable
 import torch
 
 PARTS = ("unet", "vae", "clip")
+# This package's own files may hold a transformer (sd/mmdit.py) where an SD v1 file has its UNet.
+TRANSFORMER = "transformer"
+OWN_PARTS = (*PARTS, TRANSFORMER)
 IN_MEMORY = "the state dict"
 
 

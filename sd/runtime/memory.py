@@ -15,6 +15,9 @@ import torch
 
 UNET_LIVE_MAPS = 23        # 0.12e9 B / (2 x 64 x 64 latent pixels x 320 channels x 2 B)
 DECODER_LIVE_MAPS = 6      # 0.81e9 B / (512 x 512 pixels x 128 channels x 4 B)
+# A transformer block's live token-sized maps: q, k, v, the attention output, the MLP's 4 hidden widths and the
+# residual stream, 9 (counted from sd/mmdit_blocks.py, not calibrated on a GPU); the text tokens come along.
+TRANSFORMER_LIVE_MAPS = 9
 MEMINFO = Path("/proc/meminfo")
 GB = 1e9
 
@@ -24,8 +27,12 @@ def estimate_generate_bytes(pipe, batch: int, height: int, width: int) -> dict[s
     f = pipe.vae_factor
     latent_pixels = (height // f) * (width // f)
     guided_batch = 2 * batch                                   # conditional and unconditional rows
-    unet_width = pipe.unet.config.block_channels[0]
-    unet = guided_batch * latent_pixels * unet_width * UNET_LIVE_MAPS * pipe.dtype.itemsize
+    cfg = pipe.unet.config
+    if hasattr(cfg, "patch_size"):                            # a transformer (sd/mmdit.py): tokens x width
+        tokens = latent_pixels // cfg.patch_size ** 2 + pipe.clip.config.max_tokens
+        unet = guided_batch * tokens * cfg.width * TRANSFORMER_LIVE_MAPS * pipe.dtype.itemsize
+    else:
+        unet = guided_batch * latent_pixels * cfg.block_channels[0] * UNET_LIVE_MAPS * pipe.dtype.itemsize
     decoded_at_once = 1 if pipe.vae_slicing else batch
     if pipe.vae_tiling:                                       # tiles of 512 pixels at most
         height, width = min(height, 512), min(width, 512)

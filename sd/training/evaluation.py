@@ -7,7 +7,7 @@
    left"): every held-out (shape, color, background) combination and twice as many seen ones, each in all six
    layouts (large in the centre, small in one of five places). An image is right when all five attributes
    match the prompt (the whole caption); each attribute is counted too, seen and held-out combinations apart.
-3. At `generate`'s defaults (50 DDIM steps, guidance 7.5), at the evaluation's own settings (25 steps,
+3. At `generate`'s defaults (50 steps of the model's own sampler, guidance 7.5), at the evaluation's own settings (25 steps,
    guidance 5) and without guidance; plus the VAE's reconstruction PSNR.
 Images come from the model's own pipeline (`model.generate`): its scheduler, its memory savers, its settings.
 """
@@ -29,7 +29,7 @@ from .frechet import frechet_distance
 from .vae import vae_psnr
 
 DEFAULT_GUIDANCE = 5.0          # guidance scale of the evaluation's guided run (small models need less than SD's 7.5)
-DEFAULT_STEPS = 25              # DDIM steps of the evaluation's own runs
+DEFAULT_STEPS = 25              # sampling steps of the evaluation's own runs
 GENERATE_GUIDANCE, GENERATE_STEPS = 7.5, 50   # StableDiffusion.generate's defaults (SD's)
 DEFAULT_PER_PROMPT = 4          # images per prompt: 108 prompts, 432 images per run
 CLASSIFIER_MIN_ACCURACY = 0.99  # the judge must be this good on real images, per attribute, or the evaluation stops
@@ -204,9 +204,10 @@ def require_reliable_judge(accuracy: dict[str, float], path: str | Path) -> None
 # --- generation and scoring ----------------------------------------------------------------------------------------
 
 def generate(model, prompts: list[str], num_inference_steps: int = DEFAULT_STEPS,
-             guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, sampler: str = "ddim",
+             guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, sampler: str | None = None,
              progress: bool = False) -> torch.Tensor:
-    """Images (len(prompts), 3, H, W) in [-1, 1] from a loaded model (sd.load_checkpoint), through its pipeline."""
+    """Images (len(prompts), 3, H, W) in [-1, 1] from a loaded model (sd.load_checkpoint), through its pipeline;
+    sampler None: the model's own (DDIM for a noise-predicting UNet, Euler for a flow model)."""
     images = model.generate(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                             sampler=sampler, seed=seed, progress=progress, output_type="pt")   # (B, 3, H, W) in [0, 1]
     return images.float().cpu() * 2 - 1
@@ -253,7 +254,7 @@ def _rates(right: torch.Tensor, said: torch.Tensor) -> dict[str, float]:
 
 def prompt_accuracy(model, classifier: AttributeClassifier, guidance_scale: float = DEFAULT_GUIDANCE,
                     num_inference_steps: int = DEFAULT_STEPS, per_prompt: int = DEFAULT_PER_PROMPT,
-                    seed: int = 0, prompts=None, progress: bool = False) -> dict:
+                    seed: int = 0, prompts=None, progress: bool = False, sampler: str | None = None) -> dict:
     """How often the picture shows what the prompt says, judged by the classifier.
 
     prompts: [(key, held_out)], key (shape, color, background[, size, position]); default prompt_set().
@@ -265,8 +266,10 @@ def prompt_accuracy(model, classifier: AttributeClassifier, guidance_scale: floa
     held = torch.tensor([h for _, h in prompts for _ in range(per_prompt)])
     # one batch, as the published figures were made (the noise of image i follows from the seed and i); with
     # progress, the sampler's bar counts its steps
+    start = time.perf_counter()
     images = generate(model, [prompt_caption(k) for k in keys], num_inference_steps, guidance_scale, seed,
-                      progress=progress)
+                      sampler=sampler, progress=progress)
+    seconds = time.perf_counter() - start
     right = score(classifier, images, keys)                                 # (N, 5)
     # the Fréchet distance to real pictures of the same captions, and between two real sets (its floor)
     real = judge_features(classifier, real_pictures(keys, images.shape[-1], seed=REAL_SEED))
@@ -278,6 +281,7 @@ def prompt_accuracy(model, classifier: AttributeClassifier, guidance_scale: floa
     return {"accuracy": overall["caption"], "held_out": split["held_out"]["caption"],
             "seen": split["seen"]["caption"], **{name: overall[name] for name in ATTRIBUTE_NAMES},
             "by_split": split, "images": len(keys), "guidance_scale": guidance_scale, "steps": num_inference_steps,
+            "sampler": sampler or model.default_sampler, "seconds_per_image": seconds / len(keys),
             "frechet_distance": fd, "frechet_floor": fd_floor}
 
 
@@ -291,15 +295,20 @@ def model_psnr(model, image_size: int | None = None, progress: bool = False) -> 
 
 def evaluate_model(model, num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                    per_prompt: int = DEFAULT_PER_PROMPT, seed: int = 0, classifier=None,
-                   generate_defaults: bool = True, progress: bool = False) -> dict:
+                   generate_defaults: bool = True, progress: bool = False, sampler: str | None = None,
+                   runs: tuple[str, ...] | None = None) -> dict:
     """Everything `python -m sd evaluate` prints, as a dict: the judge on real images, the prompt accuracy at
-    generate's defaults (50 DDIM steps, guidance 7.5), at the given settings, and without guidance; the PSNR.
+    generate's defaults (50 steps of the model's own sampler, guidance 7.5), at the given settings (sampler, steps,
+    scale), and without guidance; the PSNR. runs: which of RUN_TITLES to draw (default all three).
 
     progress: a line on stderr as each part starts (run k of n, what it draws) and the sampler's progress bar.
     """
+    runs = require_runs(runs if runs is not None else tuple(RUN_TITLES) if generate_defaults
+                        else ("guided", "unguided"))
     start = time.time()
-    runs = {"generate_defaults": (GENERATE_GUIDANCE, GENERATE_STEPS)} if generate_defaults else {}
-    runs.update({"guided": (guidance_scale, num_inference_steps), "unguided": (1.0, num_inference_steps)})
+    settings = {"generate_defaults": (GENERATE_GUIDANCE, GENERATE_STEPS, None),
+                "guided": (guidance_scale, num_inference_steps, sampler),
+                "unguided": (1.0, num_inference_steps, sampler)}
     shipped = classifier is None
     classifier = classifier or load_classifier(check=False, progress=progress)
     say(progress, f"the attribute classifier on {CLASSIFIER_TEST_SIZE:,} real images")
@@ -307,14 +316,26 @@ def evaluate_model(model, num_inference_steps: int = DEFAULT_STEPS, guidance_sca
     if shipped:             # measured once: the same figure checks the shipped judge and goes into the report
         require_reliable_judge(report["classifier_on_real_images"], CLASSIFIER_FILE)
     images = len(prompt_set()) * per_prompt
-    for k, (name, (scale, steps)) in enumerate(runs.items(), start=1):
+    for k, name in enumerate(runs, start=1):
+        scale, steps, run_sampler = settings[name]
         say(progress, f"[{time.time() - start:4.0f} s] run {k} of {len(runs)}, prompt accuracy {RUN_TITLES[name]}: "
-                      f"{images} images, scale {scale:g}, {steps} DDIM steps, in one batch")
-        report[name] = prompt_accuracy(model, classifier, scale, steps, per_prompt, seed, progress=progress)
+                      f"{images} images, scale {scale:g}, {steps} {run_sampler or model.default_sampler} steps, "
+                      "in one batch")
+        report[name] = prompt_accuracy(model, classifier, scale, steps, per_prompt, seed, progress=progress,
+                                       sampler=run_sampler)
     say(progress, f"[{time.time() - start:4.0f} s] the VAE's reconstruction PSNR")
     report["vae_psnr_db"] = model_psnr(model, progress=progress)
     say(progress, f"[{time.time() - start:4.0f} s] done")
     return report
+
+
+def require_runs(runs) -> tuple[str, ...]:
+    """The evaluation's runs by name: a non-empty selection of RUN_TITLES, each once."""
+    runs = tuple(runs)
+    unknown = [r for r in runs if r not in RUN_TITLES]
+    if not runs or unknown or len(set(runs)) != len(runs):
+        raise ValueError(f"runs must name some of {', '.join(RUN_TITLES)}, each once, got {', '.join(runs) or 'none'}")
+    return runs
 
 
 def say(progress: bool, message: str) -> None:
@@ -333,9 +354,10 @@ def format_report(report: dict) -> str:
         if name not in report:
             continue
         r = report[name]
-        lines.append(f"prompt accuracy {title} (scale {r['guidance_scale']:g}, {r['steps']} DDIM steps, "
-                     f"{r['images']} images): whole caption {r['accuracy']:.3f}  held-out {r['held_out']:.3f}  "
-                     f"seen {r['seen']:.3f}")
+        timing = f", {r['seconds_per_image']:.3f} s per image" if "seconds_per_image" in r else ""
+        lines.append(f"prompt accuracy {title} (scale {r['guidance_scale']:g}, {r['steps']} {r.get('sampler', 'ddim')} "
+                     f"steps, {r['images']} images{timing}): whole caption "
+                     f"{r['accuracy']:.3f}  held-out {r['held_out']:.3f}  seen {r['seen']:.3f}")
         if "frechet_distance" in r:
             lines.append(f"    Fréchet distance to real drawings of the same captions (judge's features): "
                          f"{r['frechet_distance']:.0f}  (real against real: {r['frechet_floor']:.0f})")
