@@ -7,6 +7,7 @@ from .attention import (check_causal_attention, check_cross_attention, check_sca
                         check_self_attention)
 from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_sigmoid_fit_error
 from .common import pick, try_check
+from .consistency import check_consistency_function, check_consistency_loss, check_consistency_sampler
 from .diffusion import check_identify, check_predictions, check_shift_schedule
 from .editing import check_inpainting_loop, check_inversion_loop, check_slerp
 from .flow import check_flow_matching_loss, check_flow_sampler, check_velocity_to_x0_eps
@@ -55,4 +56,6 @@ __all__ = [
     "check_textual_inversion_step", "check_lora_layer", "check_wrap_with_lora",
     # 13 flow matching
     "check_flow_matching_loss", "check_flow_sampler", "check_velocity_to_x0_eps",
+    # 16 consistency models
+    "check_consistency_function", "check_consistency_loss", "check_consistency_sampler",
 ]
