@@ -18,6 +18,8 @@ from .sampling import check_classifier_free_guidance, check_ddim_step, check_ddp
 from .sigma import (check_dpmpp_2m_sampler, check_error_curve, check_euler_sampler, check_heun_sampler,
                     check_karras_sigmas)
 from .training import check_training_step, check_unet_training_loss
+from .transformer import (check_adaln_zero, check_final_layer, check_joint_attention, check_patchify,
+                          check_unpatchify)
 from .unet import (check_geglu, check_res_block, check_spatial_transformer, check_timestep_embedding,
                    check_transformer_block, check_unet_forward)
 from .vae import (check_latent_scale, check_reparameterize, check_vae_attention_block, check_vae_decoder,
@@ -56,6 +58,8 @@ __all__ = [
     "check_textual_inversion_step", "check_lora_layer", "check_wrap_with_lora",
     # 13 flow matching
     "check_flow_matching_loss", "check_flow_sampler", "check_velocity_to_x0_eps",
+    # 14 SD3 in miniature
+    "check_patchify", "check_unpatchify", "check_adaln_zero", "check_joint_attention", "check_final_layer",
     # 16 consistency models
     "check_consistency_function", "check_consistency_loss", "check_consistency_sampler",
 ]
