@@ -7,11 +7,13 @@ from .attention import (check_causal_attention, check_cross_attention, check_sca
                         check_self_attention)
 from .clip import check_bpe, check_clip_embedding, check_clip_layer, check_merge_pair, check_sigmoid_fit_error
 from .common import pick, try_check
+from .controlnet import check_controlled_unet, check_controlnet_loss, check_shape_iou, check_zero_conv
 from .consistency import check_consistency_function, check_consistency_loss, check_consistency_sampler
 from .diffusion import check_identify, check_predictions, check_shift_schedule
 from .editing import check_inpainting_loop, check_inversion_loop, check_slerp
 from .flow import check_flow_matching_loss, check_flow_sampler, check_velocity_to_x0_eps
-from .fine_tuning import check_lora_layer, check_textual_inversion_step, check_wrap_with_lora
+from .fine_tuning import (check_lora_layer, check_prior_preservation_loss, check_textual_inversion_step,
+                          check_wrap_with_lora)
 from .pipeline import check_cross_attention_maps, check_text_to_image
 from .pixel import check_ddpm_sampling, check_pixel_loss
 from .sampling import check_classifier_free_guidance, check_ddim_step, check_ddpm_step, check_sampling_loop
@@ -55,11 +57,13 @@ __all__ = [
     # 11 editing
     "check_inpainting_loop", "check_inversion_loop", "check_slerp",
     # 12 fine-tuning
-    "check_textual_inversion_step", "check_lora_layer", "check_wrap_with_lora",
+    "check_textual_inversion_step", "check_lora_layer", "check_wrap_with_lora", "check_prior_preservation_loss",
     # 13 flow matching
     "check_flow_matching_loss", "check_flow_sampler", "check_velocity_to_x0_eps",
     # 14 SD3 in miniature
     "check_patchify", "check_unpatchify", "check_adaln_zero", "check_joint_attention", "check_final_layer",
+    # 15 ControlNet
+    "check_zero_conv", "check_controlled_unet", "check_controlnet_loss", "check_shape_iou",
     # 16 consistency models
     "check_consistency_function", "check_consistency_loss", "check_consistency_sampler",
 ]
