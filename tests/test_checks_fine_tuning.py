@@ -17,8 +17,10 @@ from torch import nn
 import sd
 from sd.adapters.lora import LoRALayer
 from sd.adapters.textual_inversion import add_token_rows, textual_inversion_optimizer, textual_inversion_step
-from sd.course.checks import check_lora_layer, check_textual_inversion_step, check_wrap_with_lora, pick
-from sd.course.checks.fine_tuning import reference_textual_inversion_step, reference_wrap_with_lora
+from sd.adapters.prior_preservation import prior_preservation_loss
+from sd.course.checks import (check_lora_layer, check_prior_preservation_loss, check_textual_inversion_step,
+                              check_wrap_with_lora, pick)
+from sd.course.checks.fine_tuning import _wrong_prior, reference_textual_inversion_step, reference_wrap_with_lora
 from tests.check_helpers import rejects, rejects_unrecognised
 
 
@@ -377,3 +379,84 @@ def test_pick_goes_on_with_the_reference_when_the_exercise_is_not_done(capsys):
 
     assert pick(check_lora_layer, Stub, reference=LoRALayer) is LoRALayer
     assert "not done yet" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 12.4: DreamBooth's prior-preservation loss
+# ---------------------------------------------------------------------------------------------------------
+
+def my_prior_preservation_loss(unet, scheduler, instance_latents, instance_context, class_latents, class_context,
+                               generator, prior_weight):
+    """A learner's version written another way: per-picture errors, then a mask of which are the instance's."""
+    z0 = torch.cat([instance_latents, class_latents])
+    context = torch.cat([instance_context, class_context])
+    t = torch.randint(0, 1000, (len(z0),), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator)
+    alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    per_picture = (unet(alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise, context, t) - noise).pow(2)
+    per_picture = per_picture.flatten(1).mean(dim=1)                      # (B + C,)
+    is_instance = torch.arange(len(z0)) < len(instance_latents)
+    return per_picture[is_instance].mean() + prior_weight * per_picture[~is_instance].mean()
+
+
+def test_check_prior_preservation_loss_passes_the_reference_and_a_learners_version(capsys):
+    assert check_prior_preservation_loss(prior_preservation_loss)
+    assert check_prior_preservation_loss(my_prior_preservation_loss)
+    assert capsys.readouterr().out.count("✅ check_prior_preservation_loss passed") == 2
+
+
+def _class_with_instance_prompt(unet, scheduler, zi, ci, zc, cc, generator, weight):
+    return prior_preservation_loss(unet, scheduler, zi, ci, zc, ci[:1].expand(len(zc), -1, -1), generator, weight)
+
+
+def _weight_squared(unet, scheduler, zi, ci, zc, cc, generator, weight):
+    instance_only = prior_preservation_loss(unet, scheduler, zi, ci, zc, cc, generator, 0.0)
+    generator_again = torch.Generator().manual_seed(generator.initial_seed())
+    full = prior_preservation_loss(unet, scheduler, zi, ci, zc, cc, generator_again, 1.0)
+    return instance_only + weight ** 2 * (full - instance_only)
+
+
+def _unfreezes(unet, *args):
+    unet.requires_grad_(True)
+    return prior_preservation_loss(unet, *args)
+
+
+def _returns_a_number(*args):
+    return prior_preservation_loss(*args).item()
+
+
+@pytest.mark.parametrize("fn, mistake", [
+    (_wrong_prior("one_mean"), "the class batch is being trained as if it were the instance"),
+    (_wrong_prior("weight_on_instance"), "with λ = 0 the loss still depends on the class pictures"),
+    (_wrong_prior("no_weight"), "with λ = 0 the loss still depends on the class pictures"),
+    (_wrong_prior("instance_only"), "λ changes nothing"),
+    (_class_with_instance_prompt, "does not depend on the class prompt's text states"),
+    (_weight_squared, "λ does not weight the prior term"),
+    (_unfreezes, "the loss changed which weights train"),
+    (_returns_a_number, "the loss as a one-number tensor"),
+])
+def test_check_prior_preservation_loss_rejects_what_its_behaviour_shows(fn, mistake):
+    rejects(check_prior_preservation_loss, fn, "check_prior_preservation_loss failed", mistake)
+
+
+@pytest.mark.parametrize("kind, mistake", [
+    ("average", "the two terms are averaged"),
+    ("halves", "split in two equal halves"),
+    ("x0", "compared with the clean latents"),
+    ("noise_first", "the noise is drawn before the timesteps"),
+    ("class_first", "the class pictures come first in the batch"),
+])
+def test_check_prior_preservation_loss_names_the_mistake(kind, mistake):
+    rejects(check_prior_preservation_loss, _wrong_prior(kind), "check_prior_preservation_loss failed", "Hint: ",
+            mistake)
+
+
+def test_check_prior_preservation_loss_rejects_an_unknown_mistake_without_code():
+    def absolute_error(unet, scheduler, zi, ci, zc, cc, generator, weight):
+        z0, context = torch.cat([zi, zc]), torch.cat([ci, cc])
+        t = torch.randint(0, 1000, (len(z0),), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        error = (unet(scheduler.add_noise(z0, noise, t), context, t) - noise).abs()
+        return error[:len(zi)].mean() + weight * error[len(zi):].mean()
+
+    rejects_unrecognised(check_prior_preservation_loss, absolute_error, "12.4")

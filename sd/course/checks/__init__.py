@@ -12,7 +12,8 @@ from .consistency import check_consistency_function, check_consistency_loss, che
 from .diffusion import check_identify, check_predictions, check_shift_schedule
 from .editing import check_inpainting_loop, check_inversion_loop, check_slerp
 from .flow import check_flow_matching_loss, check_flow_sampler, check_velocity_to_x0_eps
-from .fine_tuning import check_lora_layer, check_textual_inversion_step, check_wrap_with_lora
+from .fine_tuning import (check_lora_layer, check_prior_preservation_loss, check_textual_inversion_step,
+                          check_wrap_with_lora)
 from .pipeline import check_cross_attention_maps, check_text_to_image
 from .pixel import check_ddpm_sampling, check_pixel_loss
 from .sampling import check_classifier_free_guidance, check_ddim_step, check_ddpm_step, check_sampling_loop
@@ -56,7 +57,7 @@ __all__ = [
     # 11 editing
     "check_inpainting_loop", "check_inversion_loop", "check_slerp",
     # 12 fine-tuning
-    "check_textual_inversion_step", "check_lora_layer", "check_wrap_with_lora",
+    "check_textual_inversion_step", "check_lora_layer", "check_wrap_with_lora", "check_prior_preservation_loss",
     # 13 flow matching
     "check_flow_matching_loss", "check_flow_sampler", "check_velocity_to_x0_eps",
     # 14 SD3 in miniature

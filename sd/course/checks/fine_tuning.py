@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...adapters.lora import UNET_TARGETS, LoRALayer
+from ...adapters.prior_preservation import prior_preservation_loss
 from ...adapters.textual_inversion import add_token_rows, textual_inversion_optimizer
 from ...clip import CLIP
 from ...config import CLIPConfig, UNetConfig, VAEConfig
 from ...decoder import VAE_Decoder
+from ...diffusion import DiffusionScheduler
 from ...encoder import VAE_Encoder
 from ...io.checkpoint import DEFAULT_MODEL
 from ...pipeline import StableDiffusion
@@ -493,3 +495,185 @@ def check_textual_inversion_step(fn) -> bool:
                                "but token_ids, step",
                           reference_name="sd.adapters.textual_inversion.textual_inversion_step "
                                          "(reference_textual_inversion_step)", exercise="12.1")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exercise 12.4: DreamBooth's prior-preservation loss
+# ----------------------------------------------------------------------------------------------------------
+
+# An instance batch and a class batch of different sizes, so that splitting the prediction in two halves (instead
+# of after the instance pictures) gives other numbers; three weights λ, so that each wrong weighting shows.
+_PRIOR_SIZES = (3, 2)
+_PRIOR_WEIGHTS = (1.0, 0.5, 2.0)
+
+
+def _prior_model() -> nn.Module:
+    """The small UNet of SD's layout, wrapped with LoRA whose A and B are random (B = 0 would hide A's gradient)."""
+    unet, _ = _wrap_model()
+    with seeded(120):
+        reference_wrap_with_lora(unet, _WRAP_RANK, LoRALayer)
+        for module in unet.modules():
+            if isinstance(module, LoRALayer):
+                nn.init.normal_(module.lora_B.weight, std=0.1)
+    return unet
+
+
+def _prior_inputs(seed: int) -> dict:
+    """Clean latents and text states of an instance batch and a class batch, (N, 4, 4, 4) and (N, 5, 32)."""
+    b, c = _PRIOR_SIZES
+    with seeded(seed):
+        return {"instance_latents": randn(b, 4, 4, 4), "instance_context": randn(1, 5, 32).expand(b, 5, 32).clone(),
+                "class_latents": randn(c, 4, 4, 4), "class_context": randn(c, 5, 32)}
+
+
+def _prior_call(fn, model: nn.Module, inputs: dict, seed: int, weight: float):
+    """fn's loss on fresh copies of the inputs, with a generator seeded by `seed`."""
+    args = {k: v.clone() for k, v in inputs.items()}
+    return fn(model, DiffusionScheduler(), args["instance_latents"], args["instance_context"], args["class_latents"],
+              args["class_context"], torch.Generator().manual_seed(seed), weight)
+
+
+def _prior_runner(fn):
+    """A function of a case: (the loss, the gradient of every LoRA weight after its backward pass)."""
+    def run(seed: int, weight: float):
+        model = _prior_model()
+        with torch.enable_grad():
+            loss = _prior_call(fn, model, _prior_inputs(seed), seed, weight)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise AssertionError(f"the function should return the loss as a one-number tensor, got {_kind(loss)}")
+        if loss.grad_fn is None:
+            raise AssertionError("the loss returned has no gradient: return the loss tensor itself (not a "
+                                 "Python number, not detached), so that the training loop can back-propagate it")
+        with torch.enable_grad():
+            loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if ".lora_" in n]
+        grads = [torch.zeros(1) if g is None else g.flatten() for g in grads]
+        return loss.detach(), torch.cat(grads)
+    run.__name__ = run.__qualname__ = getattr(fn, "__name__", "loss")
+    run.__module__ = getattr(fn, "__module__", "?")
+    return run
+
+
+def _prior_behaviour(fn, check_name: str) -> None:
+    """Gradients reach only the LoRA; the class batch does not enter the instance term, and is trained with the
+    class prompt; λ weights the prior term (the loss and its gradient are affine in λ)."""
+    where = f"{check_name} failed on a small UNet of SD's layout with LoRA on its attention projections"
+    run = _prior_runner(fn)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = _prior_model()
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            inputs = _prior_inputs(0)
+            with torch.enable_grad():
+                loss = _prior_call(fn, model, inputs, 0, 1.0)
+            if isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+                with torch.enable_grad():
+                    loss.backward()
+            reached = {n for n, p in model.named_parameters() if p.grad is not None}
+            now_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            zero, one, three = (run(0, w) for w in (0.0, 1.0, 3.0))
+            with seeded(130):                                     # other class pictures and prompt states
+                other = dict(inputs, class_latents=randn(*inputs["class_latents"].shape),
+                             class_context=3 * randn(*inputs["class_context"].shape))
+            zero_other = _prior_call(fn, _prior_model(), other, 0, 0.0).detach()
+            one_other = _prior_call(fn, _prior_model(), dict(inputs, class_context=other["class_context"]), 0,
+                                    1.0).detach()
+        except NotImplementedError:
+            raise
+        except AssertionError as e:
+            raise AssertionError(f"{where}:\n  {e}") from None
+        except Exception as e:
+            raise AssertionError(f"{where}: your code raised {type(e).__name__}: {e}{_crash_line(e)}"
+                                 + _more_help("12.4")) from e
+    if now_trainable != trainable:
+        raise AssertionError(f"{where}:\n  the loss changed which weights train ({_names(now_trainable ^ trainable)}):"
+                             " it must only compute the loss; the LoRA's A and B train, the UNet stays frozen")
+    lora = {n for n in trainable if ".lora_" in n}
+    if reached - lora:
+        raise AssertionError(f"{where}:\n  gradients reached weights other than the LoRA's A and B "
+                             f"({_names(reached - lora)})" + _unknown_mistake("12.4"))
+    if lora - reached:
+        raise AssertionError(f"{where}:\n  no gradient reached some of the LoRA's weights ({_names(lora - reached)}): "
+                             "the loss must come from the UNet's prediction, kept in the autograd graph")
+    if not torch.allclose(zero_other, zero[0], atol=ATOL, rtol=RTOL):
+        raise AssertionError(f"{where}:\n  with λ = 0 the loss still depends on the class pictures: the class "
+                             "batch is being trained as if it were the instance. The instance term is the mean "
+                             "squared error over the instance pictures only, the prior term over the class "
+                             "pictures only, and λ multiplies the prior term, nothing else")
+    if not float(one[0] - zero[0]) > 0:
+        raise AssertionError(f"{where}:\n  λ changes nothing: add λ times the class pictures' mean squared "
+                             "error to the instance pictures'")
+    if torch.allclose(one_other, one[0], atol=ATOL, rtol=RTOL):
+        raise AssertionError(f"{where}:\n  the loss does not depend on the class prompt's text states: the class "
+                             "pictures must be denoised with the class prompt (class_context), the instance "
+                             "pictures with the instance prompt")
+    loss_3, grad_3 = three
+    affine_loss, affine_grad = zero[0] + 3 * (one[0] - zero[0]), zero[1] + 3 * (one[1] - zero[1])
+    if not (torch.allclose(loss_3, affine_loss, atol=ATOL, rtol=RTOL)
+            and torch.allclose(grad_3, affine_grad, atol=ATOL, rtol=RTOL)):
+        raise AssertionError(f"{where}:\n  λ does not weight the prior term: the loss at λ = 3 "
+                             f"({float(loss_3):.4g}) should be the loss at 0 plus 3 times the prior term (the loss "
+                             f"at 1 minus the loss at 0), {float(affine_loss):.4g}, and its gradient likewise")
+
+
+def _wrong_prior(kind: str):
+    """The reference loss computed one typical wrong way."""
+    def loss_fn(unet, scheduler, instance_latents, instance_context, class_latents, class_context, generator,
+                prior_weight):
+        n = len(instance_latents)
+        if kind == "class_first":
+            z0 = torch.cat([class_latents, instance_latents])
+            context = torch.cat([class_context, instance_context])
+        else:
+            z0 = torch.cat([instance_latents, class_latents])
+            context = torch.cat([instance_context, class_context])
+        if kind == "noise_first":
+            eps = torch.randn(z0.shape, generator=generator)
+            t = torch.randint(0, scheduler.num_train_timesteps, (len(z0),), generator=generator)
+        else:
+            t = torch.randint(0, scheduler.num_train_timesteps, (len(z0),), generator=generator)
+            eps = torch.randn(z0.shape, generator=generator)
+        pred = unet(scheduler.add_noise(z0, eps, t), context, t).float()
+        target = z0 if kind == "x0" else eps
+        if kind == "class_first":
+            pred, target = torch.cat([pred[len(class_latents):], pred[:len(class_latents)]]), \
+                torch.cat([target[len(class_latents):], target[:len(class_latents)]])
+        if kind == "halves":
+            n = len(z0) // 2
+        instance = F.mse_loss(pred[:n], target[:n])
+        prior = F.mse_loss(pred[n:], target[n:])
+        return {"one_mean": F.mse_loss(pred, target), "weight_on_instance": prior_weight * instance + prior,
+                "no_weight": instance + prior, "average": (instance + prior_weight * prior) / 2,
+                "instance_only": instance + 0 * prior}.get(kind, instance + prior_weight * prior)
+    return loss_fn
+
+
+def check_prior_preservation_loss(fn) -> bool:
+    """Exercise 12.4: fn(unet, scheduler, instance_latents, instance_context, class_latents, class_context,
+    generator, prior_weight) -> the instance pictures' noise-prediction MSE plus prior_weight times the class
+    pictures', from one batch noised with the generator's timesteps, then noise."""
+    require_callable("check_prior_preservation_loss", fn, "a function")
+    _prior_behaviour(fn, "check_prior_preservation_loss")
+    cases = [Case({"seed": seed, "weight": weight}) for seed, weight in zip((1, 2, 3), _PRIOR_WEIGHTS)]
+
+    def wrong(kind):
+        return lambda ref, case: _prior_runner(_wrong_prior(kind))(**case.inputs)
+
+    mistakes = [
+        Mistake("the two terms are averaged: Ruiz et al.'s eq. 2 adds them, instance term plus λ times the "
+                "prior term", wrong("average")),
+        Mistake("the prediction is split in two equal halves: the instance part is as long as the instance batch, "
+                "which need not be as long as the class batch", wrong("halves")),
+        Mistake("the UNet's output is compared with the clean latents: SD's UNet predicts the noise, in both terms",
+                wrong("x0")),
+        Mistake("the noise is drawn before the timesteps: draw the timesteps of the whole batch first, then its "
+                "noise (the check compares with the reference drawn in that order)", wrong("noise_first")),
+        Mistake("the class pictures come first in the batch: put the instance pictures first, then the class "
+                "pictures (the random numbers then fall as in the reference)", wrong("class_first")),
+    ]
+    return check_function("check_prior_preservation_loss", _prior_runner(fn), _prior_runner(prior_preservation_loss),
+                          cases, mistakes,
+                          hint="one batch of the instance pictures then the class pictures, each with its own "
+                               "text states; timesteps, then noise, from the generator; one UNet call; the "
+                               "instance part's mean squared error plus λ times the class part's",
+                          reference_name="sd.adapters.prior_preservation.prior_preservation_loss", exercise="12.4")
