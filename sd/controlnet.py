@@ -25,7 +25,7 @@ from torch import nn
 from .config import UNetConfig
 from .timestep_embedding import TimeEmbedding, timestep_embedding
 from .unet import DiffusionUNET, MidBlock, UNetDownLevel
-from .validation import MAX_BYTE, require_image_like, require_number, require_picture, require_scale
+from .validation import MAX_BYTE, require_context, require_image_like, require_number, require_picture, require_scale
 
 # The conditioning embedding's widths: convs 3->16, 16->16, 16->32 (stride 2), 32->32, 32->96 (s2), 96->96,
 # 96->256 (s2), then a zero conv 256 -> the UNet's first width; SiLU between ([CLDM] `input_hint_block`; the paper's
@@ -123,7 +123,7 @@ class ControlNet(nn.Module):
         scale = require_scale(conditioning_scale, "conditioning_scale")
         b, _, h, w = latent.shape
         hint = self._check_hint(control_image, b, h, w)
-        context = DiffusionUNET._check_context(self, context, b)     # the UNet's own checks, same config fields
+        context = require_context(context, cfg.context_dim, b)       # the UNet's own checks
         t = DiffusionUNET._timesteps(timestep, b, latent.device)
 
         # (B,) -> (B, 320) sinusoids -> (B, 1280), as in the UNet

@@ -24,7 +24,7 @@ from torch import nn
 from .config import MMDiTConfig
 from .mmdit_blocks import FinalLayer, MMDiTBlock, grid_positions, patchify, unpatchify
 from .timestep_embedding import TimeEmbedding, timestep_embedding
-from .validation import require_image_like
+from .validation import require_context, require_image_like
 
 # Sinusoid features of the time before its MLP: 256 in DiT and SD3 (`frequency_embedding_size=256`,
 # DiT models.py#L31; diffusers' SD3 `Timesteps(num_channels=256)`).
@@ -56,7 +56,7 @@ class MMDiT(nn.Module):
         require_image_like(latent, "latent", cfg.in_channels, p,
                            f"the transformer cuts the latent into {p}x{p} patches")
         b, _, h, w = latent.shape
-        context = self._check_context(context, b)
+        context = require_context(context, cfg.context_dim, b)
         t = self._timesteps(timestep, b, latent.device)
 
         # the conditioning vector: time + pooled text, (B, D)
@@ -69,15 +69,6 @@ class MMDiT(nn.Module):
         for block in self.blocks:
             x, c = block(x, c, cond)
         return unpatchify(self.final(x, cond), p, h, w)              # (B, N, p*p*C) -> (B, C, h, w)
-
-    def _check_context(self, context: torch.Tensor, b: int) -> torch.Tensor:
-        d = self.config.context_dim
-        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[-1] != d:
-            raise ValueError(f"context must be (B, T, {d}) text embeddings (CLIP's output), "
-                             f"got {tuple(getattr(context, 'shape', ()))}")
-        if context.shape[0] not in (1, b):
-            raise ValueError(f"context batch {context.shape[0]} does not match the latent batch {b} (or 1)")
-        return context.expand(b, -1, -1) if context.shape[0] != b else context
 
     @staticmethod
     def _timesteps(timestep, b: int, device) -> torch.Tensor:

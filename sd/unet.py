@@ -14,7 +14,7 @@ from .config import UNetConfig
 from .timestep_embedding import TimeEmbedding, timestep_embedding
 from .layers import Upsample
 from .unet_blocks import RESBLOCK_NORM_EPS, Downsample, ResBlock, SpatialTransformer
-from .validation import require_image_like
+from .validation import require_context, require_image_like
 
 
 class UNetLevel(nn.Module):
@@ -118,7 +118,7 @@ class DiffusionUNET(nn.Module):
         require_image_like(latent, "latent", cfg.in_channels, cfg.downsample_factor,
                            "the UNet halves the latent 3 times, i.e. images in multiples of 64 pixels")
         b = latent.shape[0]
-        context = self._check_context(context, b)
+        context = require_context(context, cfg.context_dim, b)
         t = self._timesteps(timestep, b, latent.device)
 
         # (B,) -> (B, 320) sinusoids -> (B, 1280)
@@ -137,15 +137,6 @@ class DiffusionUNET(nn.Module):
             x = level(x, emb, context, skips)        # pops one skip per residual block
 
         return self.conv_out(F.silu(self.norm_out(x)))   # (B, 320, h, w) -> (B, 4, h, w)
-
-    def _check_context(self, context: torch.Tensor, b: int) -> torch.Tensor:
-        d = self.config.context_dim
-        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[-1] != d:
-            raise ValueError(f"context must be (B, T, {d}) text embeddings (CLIP's output), "
-                             f"got {tuple(getattr(context, 'shape', ()))}")
-        if context.shape[0] not in (1, b):
-            raise ValueError(f"context batch {context.shape[0]} does not match the latent batch {b} (or 1)")
-        return context.expand(b, -1, -1) if context.shape[0] != b else context
 
     @staticmethod
     def _check_residuals(residuals: list[torch.Tensor], maps: list[torch.Tensor], name: str) -> list[torch.Tensor]:

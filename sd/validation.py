@@ -90,6 +90,16 @@ def require_finite_tensor(x, name: str) -> torch.Tensor:
     return x
 
 
+def require_context(context, width: int, batch: int) -> torch.Tensor:
+    """Text states for a denoiser: (B or 1, T, width), returned expanded to the batch; else one line saying why not."""
+    if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[-1] != width:
+        raise ValueError(f"context must be (B, T, {width}) text embeddings (CLIP's output), "
+                         f"got {tuple(getattr(context, 'shape', ()))}")
+    if context.shape[0] not in (1, batch):
+        raise ValueError(f"context batch {context.shape[0]} does not match the latent batch {batch} (or 1)")
+    return context.expand(batch, -1, -1)
+
+
 def require_image_like(x: torch.Tensor, name: str, channels: int, multiple: int, what: str) -> None:
     """Raise ValueError unless x is (B, channels, H, W) with H and W multiples of `multiple`."""
     if not isinstance(x, torch.Tensor):

@@ -31,6 +31,9 @@ from ..runtime.device import resolve_device
 
 # The project's own small model, trained on the shapes dataset (`python -m sd train all`), shipped in the package.
 DEFAULT_MODEL = Path(__file__).parent.parent / "assets" / "default_model.safetensors"
+# The project's small transformer (SD3's MMDiT in miniature) on the same VAE and text encoder: `python -m sd train
+# mmdit`; `sd.load_checkpoint(TRANSFORMER_MODEL)` or `python -m sd generate ... --checkpoint <this file>`.
+TRANSFORMER_MODEL = DEFAULT_MODEL.parent / "shapes_transformer.safetensors"
 NO_CHECKPOINT_HELP = (
     "no checkpoint given and the project's default model is not installed: pass SD v1.5 weights "
     "(--checkpoint v1-5-pruned-emaonly.safetensors, or sd.load_checkpoint(path)), a .safetensors/.ckpt file or a "
