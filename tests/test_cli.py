@@ -217,3 +217,31 @@ def test_a_broken_command_module_fails_loudly_not_as_an_invalid_choice():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "import of sd.training.evaluation halted" in result.stderr
     assert "invalid choice" not in result.stderr
+
+
+def test_generate_with_a_lora_file_changes_the_picture_and_a_bad_file_exits_2(checkpoint, tmp_path, capsys):
+    from sd.adapters import lora
+    pipe = sd.load_checkpoint(checkpoint, device="cpu")
+    lora.add_lora(pipe.unet, rank=2)
+    torch.manual_seed(1)
+    for layer in lora.lora_layers(pipe.unet).values():     # a LoRA that does something (B starts at zero)
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    lora_file = pipe.save_lora_weights(tmp_path / "style.safetensors")
+    common = ["generate", "a cat", "--checkpoint", str(checkpoint), "--steps", "2", "--seed", "0", "--size", "64"]
+    assert main(common + ["--out", str(tmp_path / "plain.png")]) == 0
+    assert main(common + ["--lora", str(lora_file), "--out", str(tmp_path / "lora.png")]) == 0
+    plain, styled = (torch.tensor(list(Image.open(tmp_path / f).getdata())) for f in ("plain.png", "lora.png"))
+    assert (plain - styled).abs().max() > 0
+    capsys.readouterr()
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    assert main(common + ["--lora", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.safetensors" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("runs", ["guided,guided", "fast", ""])
+def test_evaluate_names_its_runs_or_exits_2(capsys, runs):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["evaluate", "--runs", runs])
+    assert e.value.code == 2
+    assert "generate_defaults, guided, unguided" in capsys.readouterr().err

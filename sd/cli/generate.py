@@ -25,6 +25,11 @@ def _common_options(p: argparse.ArgumentParser) -> None:
                    help="sampler (default: the model's own, ddim for SD's UNet, euler for a flow transformer); "
                         "lcm: 2 to 8 steps at --cfg 1 to 2, for weights with an LCM-LoRA fused in (README, "
                         "'Pictures in 4 steps')")
+    p.add_argument("--lora", action="append", metavar="PATH",
+                   help="a LoRA file (diffusers/PEFT or kohya layout, e.g. an LCM-LoRA) to add to the model; "
+                        "repeat for several")
+    p.add_argument("--lora-scale", type=float, default=1.0, metavar="SCALE",
+                   help="strength of every --lora (default 1.0)")
     p.add_argument("--cfg", type=float, default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale; <= 1 turns guidance off (default 7.5)")
     p.add_argument("--seed", type=random_seed, default=None,
@@ -83,6 +88,8 @@ def _load(args):
     runtime = detect_runtime(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else runtime.dtype
     pipe = runtime.apply(load_checkpoint(args.checkpoint, device=runtime.device, dtype=dtype))
+    for path in getattr(args, "lora", None) or []:
+        pipe.load_lora_weights(path, scale=args.lora_scale)
     for path in getattr(args, "controlnet", None) or []:
         pipe.load_controlnet(path)
     return pipe
