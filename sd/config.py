@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 #   https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/
 # [CLIP_VIT_L14_CONFIG] the text encoder (OpenAI's ViT-L/14 text tower), open_clip's model config:
 #   https://github.com/mlfoundations/open_clip/blob/89fb801f1e6087880e951fc8354b8a2077b79c6d/src/open_clip/model_configs/ViT-L-14.json
-# [SD3_CONFIG] SD3 Medium's transformer config (diffusers layout):
+# [SD3_CONFIG] SD3 Medium's transformer config (diffusers layout; a Hub file, so no git commit to pin):
 #   https://huggingface.co/stabilityai/stable-diffusion-3-medium-diffusers/blob/main/transformer/config.json
 # [CLIP_CODE] open_clip's model code at the same commit (the MLP ratio):
 #   https://github.com/mlfoundations/open_clip/blob/89fb801f1e6087880e951fc8354b8a2077b79c6d/src/open_clip/model.py

@@ -26,8 +26,8 @@ from .mmdit_blocks import FinalLayer, MMDiTBlock, grid_positions, patchify, unpa
 from .timestep_embedding import TimeEmbedding, timestep_embedding
 from .validation import require_context, require_image_like
 
-# Sinusoid features of the time before its MLP: 256 in DiT and SD3 (`frequency_embedding_size=256`,
-# DiT models.py#L31; diffusers' SD3 `Timesteps(num_channels=256)`).
+# Sinusoid features of the time before its MLP: 256 in DiT and SD3 (DiT's `TimestepEmbedder`
+# `frequency_embedding_size=256`; diffusers' `CombinedTimestepTextProjEmbeddings`: `Timesteps(num_channels=256)`).
 TIME_FEATURES = 256
 # The model reads the time as SD3's transformer does: t in [0, 1] times 1000 (`timestep = sigma * 1000`).
 TIME_SCALE = 1000

@@ -11,7 +11,7 @@
 
 Where the numbers come from: [SD3] Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution
 Image Synthesis", arXiv:2403.03206; [DIT] Peebles & Xie 2023, "Scalable Diffusion Models with Transformers",
-arXiv:2212.09748, and its code https://github.com/facebookresearch/DiT/blob/ed81ce2229091fd4ecc9a223645f95cf379d582b/models.py
+arXiv:2212.09748, and its code https://github.com/facebookresearch/DiT/blob/00d70acc18e08f7c131d2c9bc94158dfa189d95b/models.py
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from torch import nn
 from .attention import attention
 from .timestep_embedding import timestep_embedding
 
-# LayerNorm without learned affine parameters (adaLN supplies shift and scale), eps 1e-6: [DIT] models.py#L108.
+# LayerNorm without learned affine parameters (adaLN supplies shift and scale), eps 1e-6: [DIT] models.py `DiTBlock`.
 NORM_EPS = 1e-6
-# Six modulation vectors per stream and block: shift, scale, gate for attention, then for the MLP: [DIT] models.py#L115.
+# Six modulation vectors per stream and block: shift, scale, gate for attention, then for the MLP ([DIT] `DiTBlock`).
 BLOCK_MODULATIONS = 6
-# The final layer has no residual, so no gate: shift and scale ([DIT] models.py#L137).
+# The final layer has no residual, so no gate: shift and scale ([DIT] `FinalLayer`).
 FINAL_MODULATIONS = 2
 
 
