@@ -33,6 +33,7 @@ from ..samplers import LCM_ORIGINAL_STEPS, consistency_scalings, predict_x0, q_s
 from ..validation import require_int, require_number
 from .data import ShapesDataset
 from .loop import TrainOptions, batch_indices, device_of, train_loop
+from .stage_checkpoint import read_stage
 from .stages import make_dataset
 from .unet import encode_captions, encode_dataset
 
@@ -147,6 +148,25 @@ def save_lcm_lora(student: nn.Module, path: str | Path, dtype: torch.dtype = tor
         tensors[f"unet.{name}.alpha"] = torch.tensor(layer.alpha)
     if not tensors:
         raise ValueError("the student has no LoRA to save (make it with lcm_lora_student)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tensors, path, {})
+    return path
+
+
+def lcm_lora_from_checkpoint(checkpoint: str | Path, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the student's LoRA of a distillation checkpoint (<out>/lcm.safetensors, e.g. of an interrupted run)
+    as a file `pipe.load_lora_weights` reads."""
+    parts, _ = read_stage(checkpoint)
+    tensors = {}
+    for key, value in parts["model"].items():
+        module, _, role = key.removeprefix("student.").partition(".lora_")
+        if key.startswith("student.") and role in ("A.weight", "B.weight"):
+            tensors[f"unet.{module}.lora_{role}"] = value.to(dtype)
+            if role == "A.weight":
+                tensors[f"unet.{module}.alpha"] = torch.tensor(float(value.shape[0]))   # alpha = rank, as trained
+    if not tensors:
+        raise ValueError(f"{checkpoint} holds no student LoRA: is it the checkpoint of distill_lcm (lcm.safetensors)?")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, path, {})
