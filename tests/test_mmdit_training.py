@@ -158,7 +158,6 @@ def test_the_cli_generates_with_a_transformer_checkpoint(tmp_path, trained):
     assert Image.open(png).size == (IMAGE_SIZE, IMAGE_SIZE)
 
 
-@pytest.mark.skipif(not TRANSFORMER_MODEL.is_file(), reason="the shipped transformer is committed with the package")
 def test_the_shipped_transformer_draws_what_the_caption_says():
     from sd.training.evaluation import load_classifier, prompt_accuracy, prompt_set
     model = sd.load_checkpoint(TRANSFORMER_MODEL, device="cpu")
