@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import sd
 from sd.training.consistency import LCM_LORA_FILE
-from sd.training.evaluation import (DEFAULT_GUIDANCE, REAL_SEED, generate, judge_features, load_classifier,
-                                    prompt_caption, prompt_set, real_pictures, score)
-from sd.training.frechet import frechet_distance
+from sd.training.evaluation import DEFAULT_GUIDANCE, load_classifier, prompt_accuracy, prompt_set
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lcm_student_cpu.txt"
 # (label, which model, sampler, steps, guidance scale)
@@ -38,15 +35,9 @@ RUNS = ([("student", "student", "lcm", n, 1.0) for n in (1, 2, 4, 8)]
 
 def measure(pipe, judge, sampler: str, steps: int, guidance: float, per_prompt: int, seed: int) -> dict:
     """Whole-caption accuracy, Fréchet distance (and its real-against-real floor) and seconds per image of one run."""
-    keys = [key for key, _ in prompt_set() for _ in range(per_prompt)]
-    start = time.perf_counter()
-    images = generate(pipe, [prompt_caption(k) for k in keys], steps, guidance, seed, sampler=sampler)
-    seconds = (time.perf_counter() - start) / len(keys)
-    accuracy = score(judge, images, keys).all(1).float().mean().item()
-    real = judge_features(judge, real_pictures(keys, images.shape[-1], seed=REAL_SEED))
-    other = judge_features(judge, real_pictures(keys, images.shape[-1], seed=REAL_SEED + 1))
-    return {"accuracy": accuracy, "fd": frechet_distance(judge_features(judge, images), real),
-            "floor": frechet_distance(other, real), "seconds": seconds, "images": len(keys)}
+    r = prompt_accuracy(pipe, judge, guidance, steps, per_prompt, seed, sampler=sampler)
+    return {"accuracy": r["accuracy"], "fd": r["frechet_distance"], "floor": r["frechet_floor"],
+            "seconds": r["seconds_per_image"], "images": r["images"]}
 
 
 def main() -> None:
