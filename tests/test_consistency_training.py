@@ -9,7 +9,8 @@ import torch
 import sd
 from sd.adapters.lora import lora_layers
 from sd.training.consistency import (ConsistencyDistillation, consistency_distillation_loss, consistency_function,
-                                     distill_lcm, lcm_lora_student, skipping_timesteps)
+                                     distill_lcm, lcm_lora_from_checkpoint, lcm_lora_student,
+                                     skipping_timesteps)
 from sd.training.loop import TrainOptions
 
 TINY = dict(batch_size=4, lr=1e-3, progress=False, checkpoint_every=1000)
@@ -88,6 +89,10 @@ def test_a_few_steps_train_the_lora_leave_the_teacher_and_write_a_file_users_can
     assert counts["unet"] == len(lora_layers(run["student"])) > 0
     assert not torch.allclose(user.unet(x, ctx, 500), plain)            # trained: B moved off zero
     torch.testing.assert_close(user.unet(x, ctx, 500), run["student"](x, ctx, 500), atol=2e-3, rtol=2e-3)  # fp16 file
+    again = lcm_lora_from_checkpoint(tmp_path / "lcm.safetensors", tmp_path / "again.safetensors")
+    other = sd.load_checkpoint(device="cpu")
+    other.load_lora_weights(again)                                      # the same LoRA, from the stage checkpoint
+    torch.testing.assert_close(other.unet(x, ctx, 500), user.unet(x, ctx, 500))
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(pipe, tmp_path):
