@@ -30,12 +30,12 @@ from ..io.controlnet import save_controlnet
 from ..pipeline import StableDiffusion
 from ..runtime.device import resolve_device
 from ..samplers import randn
-from .data import PALETTE, ShapesDataset, caption_for
+from ..validation import MAX_BYTE
+from .data import COLORS, PALETTE, ShapesDataset, caption_for
 from .loop import TrainOptions, batch_indices, train_loop
 from .stage_checkpoint import read_stage
 from .unet import CAPTION_DROPOUT, drop_captions, encode_captions, encode_dataset
 
-MAX_BYTE = 255
 # Defaults for the shipped small model's ControlNet (benchmarks/train_shapes_controlnet.py uses them).
 CONTROLNET_LR = 1e-3            # AdamW; the small UNet was trained at 1e-3 too (stages.LEARNING_RATES)
 CONTROLNET_BATCH = 64
@@ -54,8 +54,7 @@ def shape_masks(dataset: ShapesDataset) -> torch.Tensor:
     Each image is background + (colour - background) * coverage (sd/training/data.py `draw`), so per pixel
     coverage = <image - background, colour - background> / |colour - background|^2 (the two colours always differ).
     """
-    names = list(PALETTE)
-    palette = torch.tensor([PALETTE[c] for c in names], dtype=torch.float32)            # (6, 3) in 0..255
+    palette = torch.tensor([PALETTE[c] for c in COLORS], dtype=torch.float32)           # (6, 3) in 0..255
     fg = palette[dataset.labels[:, 1]][:, :, None, None]                                # (N, 3, 1, 1)
     bg = palette[dataset.labels[:, 2]][:, :, None, None]
     diff = fg - bg
