@@ -108,9 +108,9 @@ def test_generate_batch_is_generate_with_one_control_picture_per_prompt(pipe):
 
 def test_shipped_controlnet_moves_the_drawn_shapes_towards_their_masks(pipe):
     """On 8 new drawings with short prompts (no size, no place), the same noise with and without the shipped
-    ControlNet: it changes the pictures, and their mean IoU with the masks is higher with it. The shipped file is
-    undertrained (827 steps; benchmarks/results/controlnet_iou_cpu.txt): raise the margin when it is retrained."""
+    ControlNet: the drawn shapes cover their masks far better with it (1,600 steps; on the benchmark's 48 drawings,
+    benchmarks/results/controlnet_iou_cpu.txt, short prompts: 0.42 without, 0.76 with)."""
     drawings = ShapesDataset(8, seed=4321)
     iou = iou_with_and_without(pipe, load_controlnet(SHIPPED_CONTROLNET), drawings, [0], short_prompts=True)
-    assert (iou["control"] - iou["none"]).abs().max() > 0.005      # the control changed the pictures
-    assert iou["control"].mean() > iou["none"].mean()
+    assert iou["control"].mean() > iou["none"].mean() + 0.15
+    assert (iou["control"] > iou["none"]).float().mean() >= 0.75    # most drawings, not a few large gains
