@@ -10,7 +10,6 @@ with c the empty caption's states 10% of the time, for classifier-free guidance.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 
@@ -19,14 +18,12 @@ from ..config import MMDiTConfig
 from ..decoder import VAE_Decoder
 from ..encoder import VAE_Encoder
 from ..flow_matching import sample_training_times, straight_path, velocity_target
-from ..io.checkpoint import save_checkpoint
 from ..mmdit import MMDiT, TIME_SCALE
 from ..tokenizer import CLIPTokenizer
 from .data import ShapesDataset
-from .distributed import rank_and_world
-from .loop import TrainOptions, batch_indices, device_of, train_loop
+from .loop import TrainOptions
 from .stage_checkpoint import read_stage
-from .unet import drop_captions, encode_captions, encode_dataset
+from .unet import train_denoiser
 
 
 def flow_loss(model, z0: torch.Tensor, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -42,37 +39,11 @@ def train_mmdit(dataset: ShapesDataset, config: MMDiTConfig, encoder: VAE_Encode
                 clip: CLIP, tokenizer: CLIPTokenizer, opts: TrainOptions) -> dict:
     """Train the transformer with frozen VAE and text encoder; writes <out>/mmdit.safetensors (the stage
     checkpoint) and <out>/model.safetensors (EMA weights with the VAE and text encoder: `sd.load_checkpoint`)."""
-    rank, _ = rank_and_world()
     f = encoder.config.downsample_factor
     config = dataclasses.replace(config, context_dim=clip.config.width, sample_size=dataset.image_size // f,
                                  in_channels=encoder.config.latent_channels,
                                  out_channels=encoder.config.latent_channels)
-    for m in (encoder, decoder, clip):
-        m.eval().requires_grad_(False)
-    means, logvars = encode_dataset(encoder, dataset, progress=opts.progress and rank == 0)
-    stds = torch.exp(0.5 * logvars)
-    captions = sorted(set(dataset.captions))
-    lookup = {c: i for i, c in enumerate(captions)}
-    caption_index = torch.tensor([lookup[c] for c in dataset.captions])
-    contexts = encode_captions(clip, tokenizer, captions)                     # (N_captions, 77, C)
-    empty = encode_captions(clip, tokenizer, [""])                            # (1, 77, C)
-    scale = encoder.config.scaling_factor
-    model = MMDiT(config)
-
-    def step_loss(trained, step, generator):
-        idx = batch_indices(len(dataset), opts.batch_size, step, opts.seed, *rank_and_world())
-        device = device_of(trained)
-        noise = torch.randn(means[idx].shape, generator=generator)
-        z0 = ((means[idx] + stds[idx] * noise) * scale).to(device)            # a posterior sample, scaled
-        context = drop_captions(contexts[caption_index[idx]], empty, generator).to(device)
-        return flow_loss(trained, z0, context, generator)
-
-    meta = {"mmdit": dataclasses.asdict(config)}
-    run = train_loop("mmdit", model, step_loss, opts, meta, use_ema=True)
-    if rank == 0:
-        run["model_path"] = save_checkpoint(Path(opts.out_dir) / "model.safetensors", clip, encoder, decoder,
-                                            run["ema"].model, tokenizer)
-    return run
+    return train_denoiser("mmdit", MMDiT(config), flow_loss, dataset, encoder, decoder, clip, tokenizer, opts)
 
 
 def load_mmdit(path, ema: bool = True) -> MMDiT:

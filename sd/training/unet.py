@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..clip import CLIP
@@ -64,17 +65,15 @@ def drop_captions(context: torch.Tensor, empty: torch.Tensor, generator: torch.G
     return torch.where(drop[:, None, None], empty.to(context.dtype), context)
 
 
-def train_unet(dataset: ShapesDataset, unet_config: UNetConfig, encoder: VAE_Encoder, decoder: VAE_Decoder,
-               clip: CLIP, tokenizer: CLIPTokenizer, opts: TrainOptions) -> dict:
-    """Train the UNet with frozen VAE and text encoder; writes <out>/unet.safetensors and <out>/model.safetensors.
+def train_denoiser(name: str, model: nn.Module, loss_fn, dataset: ShapesDataset, encoder: VAE_Encoder,
+                   decoder: VAE_Decoder, clip: CLIP, tokenizer: CLIPTokenizer, opts: TrainOptions) -> dict:
+    """Train a denoiser (the UNet, or the transformer of sd/training/mmdit.py) with frozen VAE and text encoder.
 
-    model.safetensors (EMA weights of the UNet) loads with `sd.load_checkpoint(path)`.
+    The posteriors and the text states are computed once; each step draws a posterior sample, drops 10% of the
+    captions and calls loss_fn(model, z0, context, generator). Writes <out>/<name>.safetensors and
+    <out>/model.safetensors (EMA weights of the denoiser, with the VAE and text encoder: `sd.load_checkpoint`).
     """
     rank, _ = rank_and_world()
-    f = encoder.config.downsample_factor
-    unet_config = dataclasses.replace(unet_config, context_dim=clip.config.width,
-                                      sample_size=dataset.image_size // f, in_channels=encoder.config.latent_channels,
-                                      out_channels=encoder.config.latent_channels)
     for m in (encoder, decoder, clip):
         m.eval().requires_grad_(False)
     means, logvars = encode_dataset(encoder, dataset, progress=opts.progress and rank == 0)
@@ -85,23 +84,37 @@ def train_unet(dataset: ShapesDataset, unet_config: UNetConfig, encoder: VAE_Enc
     contexts = encode_captions(clip, tokenizer, captions)                     # (N_captions, 77, C)
     empty = encode_captions(clip, tokenizer, [""])                            # (1, 77, C)
     scale = encoder.config.scaling_factor
-    scheduler = DiffusionScheduler()
-    unet = DiffusionUNET(unet_config)
 
-    def step_loss(model, step, generator):
+    def step_loss(trained, step, generator):
         idx = batch_indices(len(dataset), opts.batch_size, step, opts.seed, *rank_and_world())
-        device = device_of(model)
+        device = device_of(trained)
         noise = torch.randn(means[idx].shape, generator=generator)
         z0 = ((means[idx] + stds[idx] * noise) * scale).to(device)            # a posterior sample, scaled
         context = drop_captions(contexts[caption_index[idx]], empty, generator).to(device)
-        return diffusion_loss(model, scheduler, z0, context, generator)
+        return loss_fn(trained, z0, context, generator)
 
-    meta = {"unet": dataclasses.asdict(unet_config)}
-    run = train_loop("unet", unet, step_loss, opts, meta, use_ema=True)
+    meta = {name: dataclasses.asdict(model.config)}
+    run = train_loop(name, model, step_loss, opts, meta, use_ema=True)
     if rank == 0:
         run["model_path"] = save_checkpoint(Path(opts.out_dir) / "model.safetensors", clip, encoder, decoder,
                                             run["ema"].model, tokenizer)
     return run
+
+
+def train_unet(dataset: ShapesDataset, unet_config: UNetConfig, encoder: VAE_Encoder, decoder: VAE_Decoder,
+               clip: CLIP, tokenizer: CLIPTokenizer, opts: TrainOptions) -> dict:
+    """Train the UNet with frozen VAE and text encoder; writes <out>/unet.safetensors and <out>/model.safetensors.
+
+    model.safetensors (EMA weights of the UNet) loads with `sd.load_checkpoint(path)`.
+    """
+    f = encoder.config.downsample_factor
+    unet_config = dataclasses.replace(unet_config, context_dim=clip.config.width,
+                                      sample_size=dataset.image_size // f, in_channels=encoder.config.latent_channels,
+                                      out_channels=encoder.config.latent_channels)
+    scheduler = DiffusionScheduler()
+    return train_denoiser("unet", DiffusionUNET(unet_config),
+                          lambda model, z0, context, generator: diffusion_loss(model, scheduler, z0, context, generator),
+                          dataset, encoder, decoder, clip, tokenizer, opts)
 
 
 def load_unet(path, ema: bool = True) -> DiffusionUNET:
